@@ -1,0 +1,176 @@
+"""The pools file (TOML): providers, agent types and pools, validated at start.
+
+A bad file fails loudly with one message naming the file, the field and the problem, e.g.
+``pools.toml: Expected `int`, got `str` - at `$.pools.support.limits.concurrency```.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from shared.api_config import ApiKeyEntry, RateLimit, Tenant, Webhooks, check_api, key_rate_limit
+from shared.errors import ConfigError
+
+Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+EXAMPLE_CONFIG = Path(__file__).with_name("pools.example.toml")
+
+
+class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An LLM API account. ``fake`` needs no key; its knobs shape the built-in fake model."""
+
+    kind: Literal["fake", "anthropic", "openai"]
+    base_url: str | None = None
+    api_key_env: str | None = None
+    # fake provider knobs (in-process, deterministic)
+    ttft_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    tokens_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0 = as fast as possible
+    reply_tokens: PositiveInt = 24
+    crash_marker: str | None = None  # chaos testing: a prompt containing this kills the worker process
+
+
+class AgentType(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    system_prompt: str = "You are a helpful assistant."
+    provider: str
+    model: str = "fake-1"
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    max_tokens: PositiveInt = 1024
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
+    prompt_renderer: str | None = None  # "package.module:function"
+    history_turns: Annotated[int, msgspec.Meta(ge=0)] = 50
+
+
+class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Slug
+    agent_type: str
+    replicas: Annotated[int, msgspec.Meta(ge=0)] = 1
+    weight: Annotated[int, msgspec.Meta(ge=0)] = 100
+
+
+class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    concurrency: PositiveInt = 1  # requests a replica runs at once (its prefetch)
+    sticky_depth: PositiveInt = 3  # the sticky replica is used while its depth is below this
+    max_depth: PositiveInt = 10  # no replica is sent more than this (ready + in flight)
+    rescue_after_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # queued this long -> any replica
+    max_attempts: PositiveInt = 3  # deliveries before a request is parked as poison
+    max_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # default wait for an agent to start
+
+
+class Pool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tenant: str = "default"
+    level: Literal["basic", "advanced", "expert"] | None = None
+    group: str | None = None
+    prewarm: bool = True
+    min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    limits: Limits = msgspec.field(default_factory=Limits)
+    deployments: list[Deployment]
+    # A template: each tenant gets its own pool `{name}--{tenant}`, made on its first request.
+    per_tenant: bool = False
+    tenants: list[Tenant] = []  # per-tenant pools made (and pre-warmed) at start for these tenants
+    rate_limit: RateLimit | None = None  # requests per minute to this pool, across keys and gateways
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    providers: dict[str, Provider]
+    agent_types: dict[str, AgentType]
+    pools: dict[Slug, Pool]
+    max_total_pools: PositiveInt | None = None  # static + per-tenant pools; None = no cap
+    api_keys: list[ApiKeyEntry] = []  # bootstrap keys (hashed or from env); any one makes auth required
+    rate_limit: RateLimit = msgspec.field(default_factory=key_rate_limit)  # default per API key
+    webhooks: Webhooks = msgspec.field(default_factory=Webhooks)
+
+    def pool(self, name: str) -> Pool | None:
+        return self.pools.get(name)
+
+    def deployment(self, pool: str, name: str) -> Deployment:
+        for d in self.pools[pool].deployments:
+            if d.name == name:
+                return d
+        raise KeyError(f"pool {pool!r} has no deployment {name!r}")
+
+
+def _check(config: Config) -> list[str]:
+    """Cross-references msgspec cannot express; each problem names its field."""
+    problems = []
+    for name, at in config.agent_types.items():
+        if at.provider not in config.providers:
+            problems.append(f"agent_types.{name}.provider: unknown provider {at.provider!r}")
+        if at.prompt_renderer is not None and ":" not in at.prompt_renderer:
+            problems.append(f"agent_types.{name}.prompt_renderer: expected 'module:function'")
+    for name, pool in config.pools.items():
+        where = f"pools.{name}"
+        lim = pool.limits
+        if lim.sticky_depth > lim.max_depth:
+            problems.append(f"{where}.limits.sticky_depth: must be <= max_depth ({lim.max_depth})")
+        if lim.concurrency >= lim.max_depth:
+            problems.append(f"{where}.limits.concurrency: must be < max_depth ({lim.max_depth})")
+        if not pool.deployments:
+            problems.append(f"{where}.deployments: a pool needs at least one deployment")
+        seen: set[str] = set()
+        for i, dep in enumerate(pool.deployments):
+            if dep.name in seen:
+                problems.append(f"{where}.deployments[{i}].name: duplicate {dep.name!r}")
+            seen.add(dep.name)
+            if dep.agent_type not in config.agent_types:
+                problems.append(
+                    f"{where}.deployments[{i}].agent_type: unknown agent type {dep.agent_type!r}"
+                )
+        if pool.deployments and not any(d.weight for d in pool.deployments):
+            problems.append(f"{where}.deployments: at least one weight must be > 0")
+        if pool.tenants and not pool.per_tenant:
+            problems.append(f"{where}.tenants: only a per_tenant pool has tenants")
+        if "--" in name:
+            problems.append(f"{where}: '--' is reserved for per-tenant pools ({{pool}}--{{tenant}})")
+    problems += check_api(config.api_keys, {name: p.tenant for name, p in config.pools.items()})
+    return problems
+
+
+def _convert(raw: object, type_: type, where: str) -> object:
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as e:
+        # msgspec says `$.x.y`; name the table the user wrote instead of `$`.
+        msg = str(e).replace("`$", f"`{where}")
+        raise ConfigError(msg if " - at `" in msg else f"{msg} - at `{where}`") from None
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        # Convert table by table so a message names the pool/agent type, not `$.pools[...]`.
+        for section, type_ in (("providers", Provider), ("agent_types", AgentType), ("pools", Pool)):
+            table = raw.get(section)
+            if isinstance(table, dict):
+                raw[section] = {
+                    k: _convert(v, type_, f"{section}.{k}") for k, v in table.items()
+                }
+        config = msgspec.convert(raw, Config, from_attributes=True)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    problems = _check(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the pools file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the pools file: {e.strerror}") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,85 @@
+"""Process settings from the environment, read once at start and validated loudly."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+from shared.config import EXAMPLE_CONFIG
+from shared.errors import ConfigError
+
+_NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    config_path: str = str(EXAMPLE_CONFIG)
+    namespace: str = "ap"  # prefixes every Redis key and RabbitMQ queue/exchange name
+    log_format: str = "json"  # json | text
+    log_level: str = "INFO"
+    routing: str = "tiered"  # tiered (sticky/spill/overflow by depth) | hash (sticky order only, broker-bounded)
+    metrics: bool = True  # AGENTPOOL_METRICS=0 turns every metric hook into a no-op
+    auth: str = "auto"  # auto: open until an API key exists | required: always need a key
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        s = cls()
+        s = replace(
+            s,
+            amqp_url=env.get("AGENTPOOL_AMQP_URL") or env.get("AMQP_URL") or s.amqp_url,
+            redis_url=env.get("AGENTPOOL_REDIS_URL") or env.get("REDIS_URL") or s.redis_url,
+            config_path=env.get("AGENTPOOL_CONFIG") or s.config_path,
+            namespace=env.get("AGENTPOOL_NAMESPACE") or s.namespace,
+            log_format=env.get("AGENTPOOL_LOG_FORMAT") or s.log_format,
+            log_level=(env.get("AGENTPOOL_LOG_LEVEL") or s.log_level).upper(),
+            routing=env.get("AGENTPOOL_ROUTING") or s.routing,
+            metrics=_flag(env, "AGENTPOOL_METRICS", s.metrics),
+            auth=(env.get("AGENTPOOL_AUTH") or s.auth).lower(),
+        )
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if urlsplit(self.amqp_url).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"AGENTPOOL_AMQP_URL: expected amqp:// or amqps://, got {self.amqp_url!r}")
+        if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"AGENTPOOL_REDIS_URL: expected redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if not _NAMESPACE.match(self.namespace):
+            raise ConfigError(
+                f"AGENTPOOL_NAMESPACE: expected 1-32 of [a-z0-9_-], got {self.namespace!r}"
+            )
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"AGENTPOOL_LOG_FORMAT: expected json or text, got {self.log_format!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"AGENTPOOL_LOG_LEVEL: unknown level {self.log_level!r}")
+        if self.routing not in ("tiered", "hash"):
+            raise ConfigError(f"AGENTPOOL_ROUTING: expected tiered or hash, got {self.routing!r}")
+        if self.auth not in ("auto", "required"):
+            raise ConfigError(f"AGENTPOOL_AUTH: expected auto or required, got {self.auth!r}")
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A boolean setting: 1/true/yes/on or 0/false/no/off; anything else fails at start."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return raw in ("1", "true", "yes", "on")
+    raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+
+
+def redact_url(url: str) -> str:
+    """``amqp://guest:***@host/`` — URLs are logged and printed, passwords never."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
