@@ -1,0 +1,344 @@
+"""The client internal services use to ask pools; the gateway is a thin HTTP shell over it.
+
+    async with AgentPoolClient.from_env() as client:
+        reply = await client.ask("support", "Hi", thread_id="t-1")
+        async for event in client.stream("support", "And then?", thread_id="t-1"):
+            ...
+
+One client per process: it holds one RabbitMQ connection (a few confirming channels), one Redis
+pool, one reply reader task, and a membership cache refreshed from heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import msgspec
+
+from broker import tenants, topology
+from broker.amqp import Amqp, QueueFull
+from broker.fleet import Activity, Fleet
+from broker.redis_conn import REDIS_ERRORS, connect, translated
+from broker.registry import Registry
+from broker.router import Router
+from broker.streams import ReplyReader, ReplyStore, Subscription
+from shared import metrics
+from shared.config import Config, Pool, load_config
+from shared.errors import AgentPoolError, BadRequest, NotFound, RequestFailed, Unavailable
+from shared.messages import (
+    EVENT_DECODER,
+    REQUEST_ENCODER,
+    End,
+    Error,
+    Event,
+    Request,
+)
+from shared.names import Names
+from shared.settings import Settings
+
+log = logging.getLogger("agentpool.client")
+
+THREAD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MEMBERSHIP_REFRESH_S = 0.5
+REPLY_IDLE_TIMEOUT_S = 600.0  # no event at all for this long: give up on the reply
+KEEPALIVE = (b"", b"", b"")
+READY_PING_TIMEOUT_S = 1.0
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A published request."""
+
+    request_id: str
+    thread_id: str
+    pool: str
+    replica: str
+    tier: str
+    start_by: float | None = None
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class AgentPoolClient:
+    def __init__(self, settings: Settings, config: Config) -> None:
+        self.settings = settings
+        self.config = config
+        self.names = Names(settings.namespace)
+        self.amqp = Amqp(settings.amqp_url)
+        self.redis = connect(settings.redis_url)
+        self.reader = ReplyReader(settings.redis_url)
+        self.registry = Registry(self.redis, self.names)
+        self.store = ReplyStore(self.redis, self.names)
+        self.router = Router(settings.routing)
+        self.fleet = Fleet(self.redis, self.names, config)
+        self.activity = Activity(self.fleet)  # last request per pool, for idle shrink and wake
+        self._tenant_pools: dict[str, float] = {}  # per-tenant pool -> registration checked until
+        self._refresher: asyncio.Task[None] | None = None
+        self._state = "new"
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, config: Config | None = None) -> AgentPoolClient:
+        settings = settings or Settings.from_env()
+        return cls(settings, config or load_config(settings.config_path))
+
+    # --- lifecycle
+    async def __aenter__(self) -> AgentPoolClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"client is {self._state}; a closed client cannot be reopened")
+        self._state = "open"
+        try:
+            with translated(self.settings.redis_url):
+                await self.redis.ping()
+            await self.amqp.connect()
+            ch = await self.amqp.channel()
+            for name in self.config.pools:
+                await topology.declare_pool(ch, self.names, name)
+            await ch.close()
+            await self.reader.start()
+            await self.refresh_membership()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="membership")
+
+    async def aclose(self) -> None:
+        self._state = "closed"
+        if self._refresher is not None:
+            # redis-py can swallow a cancel that lands mid-command (the loop then sleeps on): repeat it.
+            while not self._refresher.done():
+                self._refresher.cancel()
+                await asyncio.wait([self._refresher], timeout=0.2)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.activity.flush()  # the last requests still count toward keeping pools awake
+        await self.reader.aclose()
+        await self.amqp.aclose()
+        await self.redis.aclose()
+
+    async def refresh_membership(self) -> None:
+        for name in [*self.config.pools, *self._tenant_pools]:
+            self.router.update(name, await self.registry.replicas(name))
+            metrics.pool_ready(name, len(self.router.members(name)))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MEMBERSHIP_REFRESH_S)
+            try:
+                await self.refresh_membership()
+                await self.activity.flush()
+            except REDIS_ERRORS as e:
+                log.warning("membership refresh failed: %s", e)
+
+    async def ready(self) -> dict[str, bool]:
+        """Per dependency: is it reachable right now (for /readyz; Redis gets a real PING)."""
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), READY_PING_TIMEOUT_S))
+        except (*REDIS_ERRORS, TimeoutError):
+            redis_ok = False
+        return {"rabbitmq": self.amqp.is_connected, "redis": redis_ok}
+
+    # --- asking
+    def pool(self, name: str) -> Pool:
+        pool = self.config.pool(name)
+        if pool is None:
+            raise NotFound(f"no pool named {name!r}", error_code="POOL_NOT_FOUND", details={"pool": name})
+        return pool
+
+    async def submit(
+        self,
+        pool: str,
+        content: str,
+        *,
+        thread_id: str | None = None,
+        tenant: str | None = None,
+        max_wait_s: float | None = None,
+        context_variables: dict[str, str] | None = None,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        track: bool = False,
+    ) -> Ticket:
+        """Route and publish one request; returns once the broker confirmed it."""
+        p = self.pool(pool)
+        if thread_id is not None and not THREAD_ID.match(thread_id):
+            raise BadRequest(
+                "thread_id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+                error_code="VALIDATION_ERROR",
+                details={"field": "thread_id"},
+            )
+        tenant = tenant or p.tenant
+        if p.per_tenant:
+            pool = await self._tenant_pool(pool, tenant, p)
+        now = time.time()
+        wait_s = max_wait_s if max_wait_s is not None else p.limits.max_wait_s
+        req = Request(
+            request_id=request_id or new_id(),
+            pool=pool,
+            tenant=tenant,
+            thread_id=thread_id or new_id(),
+            content=content,
+            created_at=now,
+            start_by=now + wait_s,
+            context_variables=context_variables or {},
+            traceparent=traceparent,
+        )
+        replica, tier = await self._publish(req, p, track)
+        return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)
+
+    async def _tenant_pool(self, template: str, tenant: str, p: Pool) -> str:
+        """``{template}--{tenant}``: registered on first use (503 POOL_LIMIT at the cap), queues declared."""
+        name = tenants.tenant_pool(template, tenant)
+        if self._tenant_pools.get(name, 0.0) > time.monotonic():
+            return name
+        with translated(self.settings.redis_url):
+            if await self.fleet.tenants.ensure(name):
+                await self.fleet.nudge("tenant", name)
+        if name not in self._tenant_pools:
+            ch = await self.amqp.channel()
+            await topology.declare_pool(ch, self.names, name)
+            await ch.close()
+        self._tenant_pools[name] = time.monotonic() + min(5.0, p.idle_timeout_s / 4)
+        return name
+
+    async def _publish(self, req: Request, pool: Pool, track: bool) -> tuple[str, str]:
+        plan = self.router.plan(req.pool, pool, req.thread_id)
+        if not plan and not self.router.members(req.pool):
+            await self.refresh_membership()  # a replica may have just come up
+            plan = self.router.plan(req.pool, pool, req.thread_id)
+        headers = {"thread_id": req.thread_id, "tenant": req.tenant}
+        for replica, tier in plan:
+            req.replica, req.tier = replica, tier
+            try:
+                await self.amqp.publish(
+                    self.names.replica_queue(replica), REQUEST_ENCODER.encode(req),
+                    message_id=req.request_id, headers=headers,
+                )
+            except QueueFull:
+                continue
+            self.router.published(replica, track)
+            self.activity.seen(req.pool)
+            metrics.routed(req.pool, tier)
+            return replica, tier
+        if self.router.members(req.pool):
+            metrics.routed(req.pool, "rejected")
+            raise Unavailable(
+                f"pool {req.pool!r} is saturated: every replica is at its depth limit",
+                error_code="POOL_SATURATED",
+                retry_after_s=1,
+                details={"pool": req.pool, "max_depth": pool.limits.max_depth},
+            )
+        # No live replica: park the request on the pool's shared queue; a replica that starts
+        # (or wakes) consumes it. It still ends by QUEUE_TIMEOUT if none comes in time.
+        req.replica, req.tier = "", "queued"
+        await self.amqp.publish(
+            self.names.pool_queue(req.pool), REQUEST_ENCODER.encode(req),
+            message_id=req.request_id, headers=headers,
+        )
+        metrics.routed(req.pool, "queued")
+        self.activity.seen(req.pool)
+        with translated(self.settings.redis_url):
+            await self.fleet.wake(req.pool)  # supervisors start a replica of a pool idle at zero
+        return "", "queued"
+
+    async def stream_raw(
+        self,
+        ticket: Ticket,
+        after: bytes = b"0-0",
+        sub: Subscription | None = None,
+        keepalive_s: float | None = None,
+    ) -> AsyncIterator[tuple[bytes, bytes, bytes]]:
+        """Reply entries ``(entry id, type, json)`` until the final one; enforces ``start_by``.
+
+        With ``keepalive_s``, yields ``KEEPALIVE`` whenever that long passes with no entry.
+        """
+        sub = sub or self.reader.subscribe(self.names.reply(ticket.request_id), after)
+        started = after != b"0-0"
+        idle_since = time.monotonic()
+        try:
+            while True:
+                deadline = idle_since + REPLY_IDLE_TIMEOUT_S
+                if not started and ticket.start_by is not None:
+                    deadline = time.monotonic() + max(0.0, ticket.start_by - time.time()) + 0.5
+                wait = max(0.0, deadline - time.monotonic())
+                tick = keepalive_s is not None and wait > keepalive_s
+                try:
+                    entry = await sub.next(keepalive_s if tick else wait)
+                except TimeoutError:
+                    if tick:
+                        yield KEEPALIVE
+                    else:
+                        await self._timeout(ticket, started)
+                        idle_since = time.monotonic()
+                        started = True  # the timeout's own error event comes next
+                    continue
+                idle_since = time.monotonic()
+                kind = entry[1]
+                if kind == b"start":
+                    started = True
+                yield entry
+                if kind in (b"end", b"error"):
+                    return
+        finally:
+            sub.close()
+            if ticket.replica:
+                self.router.finished(ticket.replica)
+
+    async def _timeout(self, ticket: Ticket, started: bool) -> None:
+        code, why = (
+            ("QUEUE_TIMEOUT", "no agent started the request before its max_wait_s")
+            if not started
+            else ("REPLY_TIMEOUT", f"no reply event for {REPLY_IDLE_TIMEOUT_S:.0f}s")
+        )
+        # Atomic with the worker's own final write: whichever comes first is the answer.
+        await self.store.finish(Error(request_id=ticket.request_id, error_code=code, error=why))
+        await self.store.cancel(ticket.request_id)
+
+    async def stream(self, pool: str, content: str, **kwargs: object) -> AsyncIterator[Event]:
+        """Submit and yield decoded events (``start``, ``chunk``..., ``end`` or ``error``)."""
+        sub, ticket = await self.submit_subscribed(pool, content, **kwargs)
+        async for _id, _kind, data in self.stream_raw(ticket, sub=sub):
+            yield EVENT_DECODER.decode(data)
+
+    async def submit_subscribed(
+        self, pool: str, content: str, **kwargs: object
+    ) -> tuple[Subscription, Ticket]:
+        rid = str(kwargs.pop("request_id", None) or new_id())
+        # Subscribe before publishing, so reading overlaps the publisher confirm.
+        sub = self.reader.subscribe(self.names.reply(rid))
+        try:
+            ticket = await self.submit(pool, content, request_id=rid, track=True, **kwargs)  # type: ignore[arg-type]
+        except BaseException:
+            sub.close()
+            raise
+        return sub, ticket
+
+    async def ask(self, pool: str, content: str, **kwargs: object) -> End:
+        """Submit and wait for the answer; raises :class:`RequestFailed` on an ``error`` event."""
+        sub, ticket = await self.submit_subscribed(pool, content, **kwargs)
+        return await self.result(ticket, sub=sub)
+
+    async def result(self, ticket: Ticket, sub: Subscription | None = None) -> End:
+        async for _id, kind, data in self.stream_raw(ticket, sub=sub):
+            if kind == b"end":
+                return msgspec.json.decode(data, type=End)
+            if kind == b"error":
+                err = msgspec.json.decode(data, type=Error)
+                raise RequestFailed(err.error, error_code=err.error_code, details={"request_id": err.request_id})
+        raise AgentPoolError("reply stream ended without a final event")

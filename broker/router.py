@@ -1,0 +1,121 @@
+"""Routing: weighted rendezvous hashing of ``thread_id`` over live replicas, in tiers.
+
+Tiers (DESIGN.md, "The way a request travels"): the thread's sticky replica while its depth is
+below ``sticky_depth``; else the next replicas in the thread's own hash order below
+``sticky_depth`` (``spill``); else any replica below ``max_depth``, least loaded first
+(``overflow``); else the pool is saturated (503). Every router computes the same order from the
+same membership, so several gateways agree on a thread's replica without talking.
+
+Depth = ready + in flight. Each router knows exactly what it has outstanding per replica (the
+requests it publishes and reads the replies of) and learns the rest from heartbeats; it takes
+the larger of "mine outstanding" and "heartbeat + my fire-and-forget publishes since that
+heartbeat". The broker's ``x-max-length`` stays the hard bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from broker.registry import ReplicaInfo
+from shared.config import Pool
+
+_TWO_64 = float(2**64)
+BLIND_TRIES = 3  # replicas estimated full that are still offered to the broker
+
+
+def _score(thread_id: bytes, replica_id: str, weight: float) -> float:
+    h = int.from_bytes(hashlib.blake2b(replica_id.encode() + b"\0" + thread_id, digest_size=8).digest())
+    u = (h + 0.5) / _TWO_64  # in (0, 1)
+    return -weight / math.log(u)  # weighted rendezvous: P(first) proportional to weight
+
+
+def rendezvous_order(thread_id: str, replicas: list[tuple[str, float]]) -> list[str]:
+    """Replica ids in ``thread_id``'s preference order; ``replicas`` are (id, weight)."""
+    t = thread_id.encode()
+    scored = sorted(((_score(t, rid, w), rid) for rid, w in replicas if w > 0), reverse=True)
+    return [rid for _, rid in scored]
+
+
+@dataclass
+class _Load:
+    outstanding: int = 0  # published by this process and still being read here
+    untracked: deque[float] = field(default_factory=deque)  # publish times of fire-and-forget requests
+
+
+class Router:
+    """Per-process routing state for all pools."""
+
+    def __init__(self, strategy: str = "tiered") -> None:
+        self.strategy = strategy
+        self._members: dict[str, list[ReplicaInfo]] = {}
+        self._load: dict[str, _Load] = {}
+
+    def update(self, pool: str, replicas: list[ReplicaInfo]) -> None:
+        self._members[pool] = [r for r in replicas if r.status == "ready"]
+
+    def members(self, pool: str) -> list[ReplicaInfo]:
+        return self._members.get(pool, [])
+
+    def depth(self, info: ReplicaInfo) -> int:
+        load = self._load.get(info.id)
+        if load is None:
+            return info.depth
+        while load.untracked and load.untracked[0] < info.heartbeat_at - 1.0:
+            load.untracked.popleft()
+        since = sum(1 for t in load.untracked if t > info.heartbeat_at)
+        return max(load.outstanding, info.depth + since)
+
+    def plan(self, pool_name: str, pool: Pool, thread_id: str) -> list[tuple[str, str]]:
+        """(replica id, tier) in the order to try them; empty = saturated or no replicas."""
+        members = self._members.get(pool_name, [])
+        if not members:
+            return []
+        weights = _replica_weights(pool, members)
+        order = rendezvous_order(thread_id, [(r.id, weights[r.id]) for r in members])
+        if self.strategy == "hash":  # no depth estimates: the thread's hash order, broker-bounded
+            return [(rid, "sticky" if i == 0 else "spill") for i, rid in enumerate(order)]
+        by_id = {r.id: r for r in members}
+        depth = {rid: self.depth(by_id[rid]) for rid in order}
+        sticky, max_depth = pool.limits.sticky_depth, pool.limits.max_depth
+        plan: list[tuple[str, str]] = []
+        if order and depth[order[0]] < sticky:
+            plan.append((order[0], "sticky"))
+        plan += [(rid, "spill") for rid in order[1:] if depth[rid] < sticky]
+        rest = sorted((rid for rid in order if sticky <= depth[rid] < max_depth), key=depth.__getitem__)
+        plan += [(rid, "overflow") for rid in rest]
+        # Estimates lag (heartbeats are up to a second old); the broker's x-max-length is the truth.
+        # So a few replicas estimated full are still tried, least loaded first: a nack moves on.
+        full = sorted((rid for rid in order if depth[rid] >= max_depth), key=depth.__getitem__)
+        plan += [(rid, "overflow") for rid in full[:BLIND_TRIES]]
+        return plan
+
+    def sticky_replica(self, pool_name: str, pool: Pool, thread_id: str) -> str | None:
+        members = self._members.get(pool_name, [])
+        weights = _replica_weights(pool, members)
+        order = rendezvous_order(thread_id, [(r.id, weights[r.id]) for r in members])
+        return order[0] if order else None
+
+    def published(self, replica_id: str, tracked: bool) -> None:
+        load = self._load.setdefault(replica_id, _Load())
+        if tracked:
+            load.outstanding += 1
+        else:
+            load.untracked.append(time.time())
+
+    def finished(self, replica_id: str) -> None:
+        load = self._load.get(replica_id)
+        if load is not None and load.outstanding > 0:
+            load.outstanding -= 1
+
+
+def _replica_weights(pool: Pool, members: list[ReplicaInfo]) -> dict[str, float]:
+    """A deployment's weight split over its live replicas, so A/B shares hold per deployment."""
+    dep_weight = {d.name: float(d.weight) for d in pool.deployments}
+    count: dict[str, int] = {}
+    for r in members:
+        count[r.deployment] = count.get(r.deployment, 0) + 1
+    return {r.id: dep_weight.get(r.deployment, 0.0) / count[r.deployment] for r in members}

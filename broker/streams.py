@@ -1,0 +1,304 @@
+"""Reply streams in Redis: the worker's write side and the multiplexed read side.
+
+Write side (:class:`ReplyStore`): two Lua scripts make a request's life atomic where it matters.
+``begin`` refuses a finished or cancelled request, counts the attempt, writes ``restart`` (for
+attempt > 1, or a redelivery whose count was lost with a Redis restart) and ``start``, and returns the thread history, all in one round trip. ``finish``
+writes the one final event (``end`` or ``error``) and appends the thread's turns only if no final
+event was written before (``SET done NX``): a redelivered or duplicated request can never produce
+two ``end`` events or two thread turns.
+
+Read side (:class:`ReplyReader`): one task per process runs one ``XREAD BLOCK`` over every active
+reply stream and fans entries out to per-request queues. A new subscription wakes the blocked
+read with ``CLIENT UNBLOCK`` so it is included at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aredis
+
+from broker.redis_conn import REDIS_ERRORS, connect, translated
+from shared import metrics
+from shared.messages import EVENT_ENCODER, FINAL_TYPES, Chunk, End, Error, event_fields
+from shared.names import Names
+
+log = logging.getLogger("agentpool.streams")
+
+REPLY_TTL_S = 24 * 3600  # while a request is open
+REPLY_TTL_AFTER_END_S = 3600  # results stay readable (GET /v1/requests/{id}, SSE resume)
+DONE_TTL_S = 24 * 3600
+THREAD_TTL_S = 7 * 24 * 3600
+THREAD_MAX_ENTRIES = 1000
+BLOCK_MS = 2000
+
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
+local n = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], 86400)
+if n > tonumber(ARGV[6]) then return {-2, n} end
+if n > 1 or ARGV[7] == '1' then
+  redis.call('XADD', KEYS[4], '*', 't', 'restart',
+    'd', cjson.encode({type='restart', attempt=n, agent_id=ARGV[2]}))
+end
+redis.call('XADD', KEYS[4], '*', 't', 'start', 'd', cjson.encode({type='start',
+  request_id=ARGV[1], agent_id=ARGV[2], attempt=n, queue_wait_ms=tonumber(ARGV[3]),
+  traceparent=ARGV[8] ~= '' and ARGV[8] or nil}))
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+local hist = {}
+local h = tonumber(ARGV[4])
+if h > 0 then hist = redis.call('LRANGE', KEYS[5], -h, -1) end
+return {n, hist}
+"""
+
+_FINISH = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if #ARGV > 6 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 7))
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+end
+return 1
+"""
+
+BEGIN_DONE = 0
+BEGIN_CANCELLED = -1
+BEGIN_EXHAUSTED = -2
+
+
+class ReplyStore:
+    """Worker-side (and gateway-side, for errors it decides) writes to reply streams."""
+
+    def __init__(self, redis: aredis.Redis, names: Names) -> None:
+        self.redis = redis
+        self.names = names
+        self._begin = redis.register_script(_BEGIN)
+        self._finish = redis.register_script(_FINISH)
+
+    async def begin(
+        self,
+        request_id: str,
+        *,
+        agent_id: str,
+        queue_wait_ms: float,
+        thread_key: str,
+        history_entries: int,
+        max_attempts: int,
+        redelivered: bool = False,
+        traceparent: str | None = None,
+    ) -> tuple[int, int, list[bytes]]:
+        """-> (status, attempt, history). status > 0 is the attempt number; else a BEGIN_* code."""
+        n = self.names
+        res = await self._begin(
+            keys=[n.done(request_id), n.cancel(request_id), n.attempts(request_id),
+                  n.reply(request_id), thread_key],
+            args=[request_id, agent_id, round(queue_wait_ms, 3), history_entries, REPLY_TTL_S,
+                  max_attempts, "1" if redelivered else "0", traceparent or ""],
+        )
+        status = int(res[0])
+        if status == BEGIN_EXHAUSTED:
+            return status, int(res[1]), []
+        if status <= 0:
+            return status, 0, []
+        return status, status, list(res[1])
+
+    async def chunk(self, request_id: str, text: str, attempt: int) -> bool:
+        """Append a chunk; returns True if the request was cancelled meanwhile."""
+        n = self.names
+        async with self.redis.pipeline(transaction=False) as p:
+            p.xadd(n.reply(request_id), event_fields(Chunk(text=text, attempt=attempt)))
+            p.exists(n.cancel(request_id))
+            _, cancelled = await p.execute()
+        return bool(cancelled)
+
+    async def finish(
+        self, event: End | Error, *, thread_key: str = "", turns: Sequence[bytes] = ()
+    ) -> bool:
+        """Write the final event (and thread turns) unless one was written already."""
+        n = self.names
+        kind = "end" if isinstance(event, End) else "error"
+        res = await self._finish(
+            keys=[n.done(event.request_id), n.reply(event.request_id), thread_key or n.done("-")],
+            args=[kind, EVENT_ENCODER.encode(event), DONE_TTL_S, REPLY_TTL_AFTER_END_S,
+                  THREAD_TTL_S, THREAD_MAX_ENTRIES, *turns],
+        )
+        return bool(res)
+
+    async def is_cancelled(self, request_id: str) -> bool:
+        return bool(await self.redis.exists(self.names.cancel(request_id)))
+
+    async def cancel(self, request_id: str, ttl_s: int = 3600) -> None:
+        await self.redis.set(self.names.cancel(request_id), b"1", ex=ttl_s)
+
+
+def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+Entry = tuple[bytes, bytes, bytes]  # (entry id, type, data json)
+
+
+class Subscription:
+    """The entries of one reply stream after ``last_id``, ending after the final event."""
+
+    def __init__(self, reader: ReplyReader, key: bytes, last_id: bytes) -> None:
+        self._reader = reader
+        self.key = key
+        self.last_id = last_id
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[Entry]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Entry]:
+        try:
+            while True:
+                entry = await self.queue.get()
+                yield entry
+                if entry[1] in FINAL_TYPES:
+                    return
+        finally:
+            self.close()
+
+    async def next(self, timeout_s: float | None = None) -> Entry:
+        return await asyncio.wait_for(self.queue.get(), timeout_s)
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._reader._remove(self)
+
+
+class ReplyReader:
+    """One blocking ``XREAD`` per process over every open subscription."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._subs: dict[bytes, list[Subscription]] = {}
+        self._conn: aredis.Redis | None = None
+        self._ctl: aredis.Redis | None = None
+        self._client_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._has_subs = asyncio.Event()
+        self._blocking = False
+        self._waking = False
+        self.healthy = False
+        self.lag_s = 0.0  # how old the newest entry was when read (observability)
+
+    async def start(self) -> None:
+        self._conn = connect(self.url, single_connection_client=True, socket_timeout=BLOCK_MS / 1000 + 5)
+        self._ctl = connect(self.url, max_connections=4)
+        with translated(self.url):
+            self._client_id = await self._conn.client_id()
+        self.healthy = True
+        self._task = asyncio.create_task(self._run(), name="reply-reader")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for c in (self._conn, self._ctl):
+            if c is not None:
+                await c.aclose()
+
+    def subscribe(self, key: str, after: bytes = b"0-0") -> Subscription:
+        sub = Subscription(self, key.encode(), after)
+        self._subs.setdefault(sub.key, []).append(sub)
+        self._has_subs.set()
+        self._wake()
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.key)
+        if subs and sub in subs:
+            subs.remove(sub)
+            if not subs:
+                del self._subs[sub.key]
+
+    def _wake(self) -> None:
+        """Interrupt a blocked XREAD so it picks up new streams (one unblock in flight at most)."""
+        if self._blocking and not self._waking and self._ctl is not None:
+            self._waking = True
+            asyncio.get_running_loop().create_task(self._unblock())
+
+    async def _unblock(self) -> None:
+        try:
+            if self._ctl is not None and self._client_id is not None:
+                await self._ctl.client_unblock(self._client_id)
+        except REDIS_ERRORS:
+            pass
+        finally:
+            self._waking = False
+
+    def _streams(self) -> dict[bytes, bytes]:
+        streams = {}
+        for key, subs in self._subs.items():
+            streams[key] = min((s.last_id for s in subs), key=_id_tuple)
+        return streams
+
+    async def _run(self) -> None:
+        assert self._conn is not None
+        backoff = 0.05
+        while True:
+            if not self._subs:
+                self._has_subs.clear()
+                await self._has_subs.wait()
+                continue
+            try:
+                self._blocking = True
+                try:
+                    resp = await self._conn.xread(self._streams(), block=BLOCK_MS)
+                finally:
+                    self._blocking = False
+                self.healthy = True
+                backoff = 0.05
+            except REDIS_ERRORS as e:
+                self.healthy = False
+                log.warning("reply reader lost Redis: %s; retrying in %.2fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                await self._reconnect()
+                continue
+            if resp:
+                self._dispatch(resp)
+
+    async def _reconnect(self) -> None:
+        try:
+            assert self._conn is not None
+            self._client_id = await self._conn.client_id()
+            self.healthy = True
+        except REDIS_ERRORS:
+            pass
+
+    def _dispatch(self, resp: list[Any]) -> None:
+        now_ms = time.time() * 1000
+        for key, entries in resp:
+            subs = self._subs.get(key)
+            if not subs or not entries:
+                continue
+            newest = _id_tuple(entries[-1][0])
+            self.lag_s = max(0.0, (now_ms - newest[0]) / 1000)
+            metrics.reader_lag(self.lag_s)
+            for sub in list(subs):
+                floor = _id_tuple(sub.last_id)
+                for entry_id, fields in entries:
+                    if _id_tuple(entry_id) <= floor:
+                        continue
+                    kind = fields[b"t"]
+                    sub.queue.put_nowait((entry_id, kind, fields[b"d"]))
+                    sub.last_id = entry_id
+                    if kind in FINAL_TYPES:
+                        self._remove(sub)  # nothing follows a final event: stop reading it
+                        break
