@@ -1,0 +1,1 @@
+"""Warm worker processes (one replica each), their model providers, and the supervisor."""

@@ -1,0 +1,62 @@
+"""Process runner for one replica: event loop, signals, exit codes.
+
+First SIGTERM/SIGINT: drain gracefully. Second: exit at once (code 130).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import uvloop
+
+from shared import metrics
+from shared.config import Config
+from shared.settings import Settings
+from workers.runtime import DRAIN_TIMEOUT_S, Worker
+from workers.slots import replica_slot
+
+log = logging.getLogger("agentpool.worker")
+
+EXIT_OK = 0
+EXIT_HARD = 130
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(EXIT_HARD)
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def run_worker(
+    settings: Settings, config: Config, pool: str, deployment: str, n: int | None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S, metrics_port: int | None = None,
+) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        # n None = `--replica auto`: claim a free slot; see workers/slots.py
+        async with replica_slot(settings, config, pool, deployment, n, stop) as (cfg, slot):
+            worker = Worker(settings, cfg, pool, deployment, slot)
+            await worker.async_run(stop, drain_timeout_s)
+
+    # Outside a supervisor a replica may serve its own metrics; under one, the supervisor serves them all.
+    endpoint = None
+    if metrics_port is not None and metrics.enabled():
+        endpoint = metrics.serve(metrics_port, "0.0.0.0", metrics.process_registry())
+    try:
+        uvloop.run(main())
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    return EXIT_OK

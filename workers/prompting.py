@@ -1,0 +1,46 @@
+"""Per-run prompt rendering: the default ``{VARIABLE}`` substitution, or a hook by import path.
+
+A hook is ``package.module:function(agent_type, request, history) -> Prompt``; it runs for every
+request, so it can vary the prompt per run (e.g. shuffle a schema's tables so parallel agents
+see different orders).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+from shared.config import AgentType
+from shared.errors import ConfigError
+from shared.messages import Request
+from workers.providers.base import Message, Prompt
+
+Renderer = Callable[[AgentType, Request, list[Message]], Prompt]
+_VAR = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
+
+
+def substitute(template: str, variables: dict[str, str]) -> str:
+    """Replace ``{NAME}`` with ``variables[NAME]``; unknown names stay as written."""
+    return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
+
+
+def default_renderer(agent_type: AgentType, request: Request, history: list[Message]) -> Prompt:
+    return Prompt(
+        system=substitute(agent_type.system_prompt, request.context_variables),
+        messages=[*history, Message("user", request.content)],
+    )
+
+
+def load_renderer(path: str | None) -> Renderer:
+    """Resolve ``module:function`` once at start; a bad path fails the replica loudly."""
+    if not path:
+        return default_renderer
+    module, _, name = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"prompt_renderer {path!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"prompt_renderer {path!r} is not callable")
+    return fn  # type: ignore[no-any-return]

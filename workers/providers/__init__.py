@@ -1,0 +1,24 @@
+"""Model providers, one module each; :func:`build_provider` picks one by ``Provider.kind``.
+
+Modules are imported only when a replica uses them, so a fake-only fleet never imports the SDKs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from shared.config import AgentType
+from shared.config import Provider as ProviderConfig
+from workers.providers.base import Provider
+
+_MODULES = {
+    "fake": "workers.providers.fake:FakeProvider",
+    "anthropic": "workers.providers.anthropic:AnthropicProvider",
+    "openai": "workers.providers.openai:OpenAIProvider",
+}
+
+
+def build_provider(config: ProviderConfig, agent_type: AgentType) -> Provider:
+    module, _, cls = _MODULES[config.kind].partition(":")
+    provider_cls: type[Provider] = getattr(importlib.import_module(module), cls)
+    return provider_cls(config, agent_type)

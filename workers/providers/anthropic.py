@@ -1,0 +1,160 @@
+"""The Anthropic Messages API provider, on the official ``anthropic`` SDK (2.x).
+
+Text streams through ``emit`` as the model writes it; usage comes from the final message. SDK
+retries are off because retrying is the caller's call (:mod:`workers.providers.retry`), made only
+while nothing was emitted. SDK 2.x speaks API version 2026-10-21, which refuses sampling
+parameters, so the agent type's ``temperature`` and ``top_p`` are not sent to this provider.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import anthropic
+import httpx2
+from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
+
+from shared.config import AgentType
+from shared.config import Provider as ProviderConfig
+from shared.errors import ProviderError
+from shared.messages import Usage
+from workers.providers.base import Emit, Message, Prompt, Provider
+
+log = logging.getLogger(__name__)
+
+WARM_TIMEOUT_S = 5.0
+SDK_ERRORS = (anthropic.AnthropicError, httpx2.HTTPError)  # httpx2: failures while reading a stream
+
+
+class AnthropicProvider(Provider):
+    kind = "anthropic"
+
+    def __init__(self, config: ProviderConfig, agent_type: AgentType) -> None:
+        super().__init__(config, agent_type)
+        self._client: anthropic.AsyncAnthropic | None = None
+        self._closed = False
+
+    def _sdk(self) -> anthropic.AsyncAnthropic:
+        """The SDK client, made on first use so a missing key surfaces as a ProviderError."""
+        if self._closed:
+            raise ProviderError("the anthropic provider is closed", error_code="PROVIDER_CLOSED")
+        if self._client is None:
+            self._client = anthropic.AsyncAnthropic(
+                base_url=self.config.base_url,
+                api_key=_api_key(self.config),
+                timeout=self.agent_type.timeout_s,
+                max_retries=0,
+            )
+        return self._client
+
+    async def warm(self) -> None:
+        """Open the connection pool and check the key with a cheap ``GET /v1/models``."""
+        try:
+            await self._sdk().models.list(limit=1, timeout=WARM_TIMEOUT_S)
+        except anthropic.NotFoundError:
+            log.warning("%s has no /v1/models; the key is checked on the first request", self.config.base_url)
+        except SDK_ERRORS as e:
+            raise translate_error(e) from e
+
+    async def generate(
+        self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None = None
+    ) -> Usage:
+        """Stream one reply; ``extra_headers`` go on the HTTP request (e.g. fake-server knobs)."""
+        try:
+            return await self._stream(prompt, emit, extra_headers)
+        except SDK_ERRORS as e:
+            raise translate_error(e) from e
+
+    async def _stream(self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None) -> Usage:
+        manager = self._sdk().messages.stream(
+            model=self.model,
+            system=prompt.system or anthropic.omit,
+            messages=[_message(m) for m in prompt.messages],
+            max_tokens=self.agent_type.max_tokens,
+            extra_headers=dict(extra_headers or {}),
+        )
+        final = None
+        async with manager as stream:
+            async for event in stream:  # read to the end, so the connection goes back to the pool
+                if event.type == "text":
+                    emit(event.text)
+                elif event.type == "message_stop":
+                    final = event.message.usage
+        if final is None:
+            raise ProviderError("anthropic stream ended before message_stop",
+                                error_code="PROVIDER_UNAVAILABLE", retryable=True)
+        return Usage(input_tokens=final.input_tokens, output_tokens=final.output_tokens)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _message(m: Message) -> MessageParam:
+    if m.role == "user":
+        return UserMessageParam(role="user", content=m.content)
+    return AssistantMessageParam(role="assistant", content=m.content)
+
+
+def _api_key(config: ProviderConfig) -> str:
+    """The key from the environment variable the pools file names; fatal if it is unset."""
+    if not config.api_key_env:
+        raise ProviderError("anthropic provider needs api_key_env in the pools file",
+                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise ProviderError(f"environment variable {config.api_key_env} (the anthropic API key) is not set",
+                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+    return key
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if given."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def translate_error(e: Exception) -> ProviderError:
+    """The one place SDK and transport errors become :class:`ProviderError`."""
+    why = f"anthropic: {type(e).__name__}: {e}"
+    if isinstance(e, anthropic.RateLimitError):
+        return ProviderError(why, error_code="PROVIDER_RATE_LIMITED", retryable=True,
+                             retry_after_s=retry_after_s(e.response.headers))
+    if isinstance(e, anthropic.AuthenticationError | anthropic.PermissionDeniedError):
+        return ProviderError(why, error_code="PROVIDER_AUTH_FAILED", fatal=True)
+    if isinstance(e, anthropic.APIStatusError):
+        return _status_error(why, e.status_code)
+    if isinstance(e, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return ProviderError(why, error_code="PROVIDER_TIMEOUT", retryable=True)
+    if isinstance(e, anthropic.APIConnectionError | httpx2.TransportError):
+        return ProviderError(why, error_code="PROVIDER_UNAVAILABLE", retryable=True)
+    return ProviderError(why, error_code="PROVIDER_ERROR")
+
+
+def _status_error(why: str, status: int) -> ProviderError:
+    """5xx, and an ``error`` event inside a 200 stream, may pass; 408/409 too; other 4xx will not."""
+    if status == 408:
+        return ProviderError(why, error_code="PROVIDER_TIMEOUT", retryable=True)
+    if status >= 500 or status < 400 or status == 409:
+        return ProviderError(why, error_code="PROVIDER_UNAVAILABLE", retryable=True)
+    return ProviderError(why, error_code="PROVIDER_BAD_REQUEST")

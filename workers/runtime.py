@@ -1,0 +1,264 @@
+"""A warm replica: connects, warms its provider, heartbeats, consumes, and drains on stop.
+
+``Worker.async_run(stop)`` is the entry tests drive; signal handling lives in the runner
+(:mod:`workers.main`). Lifecycle: ``starting`` (connect, declare, warm) -> ``ready`` (consuming
+its own queue and the pool's shared queue, prefetch = concurrency shared across both) ->
+``draining`` (consumers cancelled, in-flight work finishes until the deadline, the rest is
+nacked back) -> deregistered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import aio_pika
+import msgspec
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from broker import topology
+from broker.amqp import Amqp
+from broker.redis_conn import REDIS_ERRORS, connect
+from broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
+from broker.streams import ReplyStore
+from shared.config import Config
+from shared.errors import ProviderError
+from shared.messages import REQUEST_DECODER, WIRE_VERSION, Request, Usage
+from shared.names import Names, replica_id
+from shared.settings import Settings
+from workers.job import Outcome, log_fields, run_job
+from workers.prompting import load_renderer
+from workers.providers import build_provider
+from workers.providers.base import Emit, Prompt
+from workers.providers.retry import generate_with_retries
+from workers.replica_metrics import ReplicaMetrics
+
+log = logging.getLogger("agentpool.worker")
+
+DRAIN_TIMEOUT_S = 30.0
+REDIS_RETRY_DELAY_S = 1.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, config: Config, pool: str, deployment: str, n: int) -> None:
+        self.settings = settings
+        self.config = config
+        self.pool_name = pool
+        self.pool = config.pools[pool]
+        self.deployment = config.deployment(pool, deployment)
+        self.agent_type = config.agent_types[self.deployment.agent_type]
+        self.provider_config = config.providers[self.agent_type.provider]
+        self.replica_id = replica_id(pool, deployment, n)
+        self.names = Names(settings.namespace)
+        self.renderer = load_renderer(self.agent_type.prompt_renderer)
+        self.amqp = Amqp(settings.amqp_url, channels=1)
+        self.redis = connect(settings.redis_url)
+        self.store = ReplyStore(self.redis, self.names)
+        self.registry = Registry(self.redis, self.names)
+        self.provider = build_provider(self.provider_config, self.agent_type)
+        self.info = ReplicaInfo(
+            id=self.replica_id, pool=pool, deployment=deployment, started_at=time.time(),
+            pid=os.getpid(), host=socket.gethostname(), provider=self.provider_config.kind,
+            model=self.agent_type.model,
+        )
+        self._tasks: dict[asyncio.Task[None], AbstractIncomingMessage] = {}
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._channel: AbstractChannel | None = None
+        self._queues: list[AbstractQueue] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._latency_sum_ms = 0.0
+        self.ready = asyncio.Event()
+        self.metrics = ReplicaMetrics(pool, deployment, self.provider_config.kind, self.agent_type.model)
+        self.on_outcome: Callable[[Outcome], None] | None = self.metrics.outcome  # metrics hook
+
+    # --- lifecycle
+    async def async_run(self, stop: asyncio.Event, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        try:
+            await self.start()
+            await stop.wait()
+            await self.drain(drain_timeout_s)
+        finally:
+            await self.aclose()
+
+    async def start(self) -> None:
+        t0 = time.monotonic()
+        await self.redis.ping()
+        await self.amqp.connect()
+        self._channel = await self.amqp.channel()
+        await self._channel.set_qos(prefetch_count=self.pool.limits.concurrency, global_=True)
+        shared = await topology.declare_pool(self._channel, self.names, self.pool_name)
+        own = await topology.declare_replica(
+            self._channel, self.names, self.pool_name, self.pool, self.replica_id
+        )
+        self._queues = [own, shared]
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        try:
+            await self.provider.warm()
+        except ProviderError as e:
+            self.info.warmup_ms = (time.monotonic() - t0) * 1000
+            self.mark_unhealthy(e.message)
+            log.error("replica %s could not warm its provider: %s", self.replica_id, e.message)
+            return
+        self.info.warmup_ms = (time.monotonic() - t0) * 1000
+        self.metrics.warmed(self.info.warmup_ms)
+        await self._consume()
+        log.info("replica %s ready in %.0f ms", self.replica_id, self.info.warmup_ms)
+
+    async def _consume(self) -> None:
+        for q in self._queues:
+            tag = await q.consume(self._on_message)
+            self._consumers.append((q, tag))
+        self.info.status = "ready"
+        await self._beat()
+        self.ready.set()
+
+    async def _stop_consuming(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for q, tag in consumers:
+            with contextlib.suppress(Exception):
+                await q.cancel(tag)
+
+    def mark_unhealthy(self, why: str) -> None:
+        """Provider unusable (e.g. bad credentials): stop taking work, say why in heartbeats."""
+        self.info.status = "unhealthy"
+        self.info.detail = why
+        asyncio.get_running_loop().create_task(self._stop_consuming())
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking work; finish what is in flight until the deadline; give back the rest."""
+        self.info.status = "draining"
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._beat()
+        await self._stop_consuming()
+        if self._tasks:
+            log.info("replica %s draining %d in-flight request(s)", self.replica_id, len(self._tasks))
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()  # the task nacks its message back to the queue
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.registry.remove(self.pool_name, self.replica_id)
+
+    async def aclose(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        self.metrics.queue_ready(0)
+        await self.provider.aclose()
+        await self.amqp.aclose()
+        await self.redis.aclose()
+
+    # --- heartbeats
+    async def _beat(self) -> None:
+        self.info.in_flight = len(self._tasks)
+        if self.info.processed:
+            self.info.avg_latency_ms = round(self._latency_sum_ms / self.info.processed, 3)
+        await self.registry.beat(self.info)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                self.info.ready = await self._ready_count()
+                self.metrics.queue_ready(self.info.ready)
+                await self._beat()
+            except REDIS_ERRORS as e:
+                log.warning("heartbeat failed: %s", e)
+            except Exception as e:  # broker down: keep beating what we know
+                log.warning("queue depth unknown: %s", e)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._beat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _ready_count(self) -> int:
+        """Messages waiting in this replica's queue (a passive declare on the raw channel: aio-pika's
+        robust channel answers passive declares from its cache)."""
+        if self._channel is None:
+            return 0
+        raw = await self._channel.get_underlay_channel()
+        ok = await raw.queue_declare(self.names.replica_queue(self.replica_id), passive=True)
+        return int(ok.message_count or 0)
+
+    # --- work
+    async def generate(self, prompt: Prompt, emit: Emit) -> Usage:
+        return await generate_with_retries(self.provider, prompt, emit, retries=self.agent_type.retries,
+                                           on_retry=self.metrics.retried)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks[task] = message
+        task.add_done_callback(self._tasks.pop)
+        self.metrics.received(message.headers, bool(message.redelivered))
+        task.add_done_callback(lambda _: self.metrics.done())
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        received_at = time.time()
+        try:
+            req = REQUEST_DECODER.decode(message.body)
+            if req.v != WIRE_VERSION:
+                raise msgspec.ValidationError(f"unknown wire version {req.v}")
+        except msgspec.MsgspecError as e:
+            log.error("unreadable message %s parked: %s", message.message_id, e,
+                      extra={"pool": self.pool_name, "replica": self.replica_id})
+            await self._park(message)
+            return
+        try:
+            redelivered = bool(message.redelivered)
+            outcome = await run_job(self, req, received_at, redelivered)
+        except asyncio.CancelledError:
+            await _settle(message.nack(requeue=True))
+            raise
+        except REDIS_ERRORS as e:
+            log.warning("request %s: Redis unavailable (%s); handing it back", req.request_id, e,
+                        extra=log_fields(self, req))
+            await asyncio.sleep(REDIS_RETRY_DELAY_S)
+            await _settle(message.nack(requeue=True))
+            return
+        if log.isEnabledFor(logging.DEBUG):  # the per-request line; ids only, never contents
+            log.debug("request %s: %s %s", req.request_id, outcome.kind, outcome.error_code,
+                      extra=log_fields(self, req))
+        if outcome.kind == "parked":
+            await self._park(message)
+            self._count(outcome)
+            return
+        await _settle(message.ack())
+        self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome.kind in ("end", "error"):
+            self.info.processed += 1
+            self._latency_sum_ms += outcome.latency_ms
+        if outcome.kind == "error":
+            self.info.errors += 1
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+    async def _park(self, message: AbstractIncomingMessage) -> None:
+        """Move a poison message to the pool's parking queue, then ack the original."""
+        try:
+            await self.amqp.publish(
+                self.names.parking_queue(self.pool_name), message.body,
+                message_id=message.message_id or "", headers=dict(message.headers or {}),
+            )
+        except Exception as e:
+            log.error("could not park %s: %s; dropping it to the dead-letter path", message.message_id, e)
+            await _settle(message.reject(requeue=False))
+            return
+        await _settle(message.ack())
+
+
+async def _settle(op: object) -> None:
+    """Ack/nack may fail if the channel died meanwhile; the broker then redelivers, which is safe."""
+    try:
+        await op  # type: ignore[misc]
+    except (aio_pika.exceptions.AMQPError, RuntimeError, ConnectionError) as e:
+        log.warning("could not settle a message (%s); it will be redelivered", e)
+
+
+__all__ = ["Request", "Worker"]
