@@ -1,0 +1,174 @@
+"""What happens to an ask before its answer: who, which pool, rate limit, body, idempotency, publish.
+
+:func:`admit` runs in cheap-first order (auth, the tenant's pool, the rate limit, then the body),
+so a caller without a key or over its limit never makes the gateway read a body. :func:`start`
+claims the ``Idempotency-Key``, records the request's tenant (``owner:{id}``, checked by
+``GET /v1/requests/{id}``), persists a webhook delivery, and publishes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from starlette.requests import Request
+
+from broker.client import AgentPoolClient, Ticket, new_id
+from broker.redis_conn import translated
+from broker.streams import REPLY_TTL_S, Subscription
+from gateway.auth import Principal, pool_for, require
+from gateway.background import Background
+from gateway.http import decode, read_body
+from gateway.idempotency import Claim, Idempotency, fingerprint, idempotency_key
+from gateway.ratelimit import RateLimiter, limits_for
+from gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
+from gateway.urlcheck import check_webhook_url
+from gateway.webhooks import Deliverer
+from shared.config import Pool
+from shared.errors import BadRequest, NotFound, RateLimited
+
+
+@dataclass(slots=True)
+class Admitted:
+    principal: Principal
+    pool_name: str
+    pool: Pool
+    body: AskBody
+    idem_key: str | None
+    rate_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Started:
+    """A published (or, for an idempotent repeat, earlier) request and how to answer it."""
+
+    ticket: Ticket
+    sub: Subscription | None
+    accepted: bool = False  # webhook mode: answer 202 now
+    replay: bool = False
+
+
+def _client(request: Request) -> AgentPoolClient:
+    return request.app.state.client  # type: ignore[no-any-return]
+
+
+async def admit(request: Request) -> Admitted:
+    """401/403/404/429/400/413 in that order, or an admitted request."""
+    principal = await require(request, "ask")
+    name = request.path_params["pool"]
+    pool = pool_for(_client(request), principal, name)
+    rate_headers = await _rate_limit(request, principal, name, pool)
+    body = decode(await read_body(request, MAX_BODY_BYTES), AskBody)
+    key = idempotency_key(request)
+    check_body(body)
+    if body.webhook_url is not None:
+        await check_webhook_url(body.webhook_url, request.app.state.config.webhooks.allow_hosts)
+    return Admitted(principal, name, pool, body, key, rate_headers)
+
+
+async def _rate_limit(request: Request, principal: Principal, name: str, pool: Pool) -> dict[str, str]:
+    client = _client(request)
+    limiter: RateLimiter = request.app.state.limiter
+    verdict = await limiter.check(limits_for(client.config, client.names, principal, name, pool))
+    headers = verdict.headers() if verdict is not None else {}
+    request.state.rate_headers = headers  # the error handler adds them to error answers too
+    if verdict is not None and not verdict.allowed:
+        raise RateLimited(f"rate limit of {verdict.limit} requests per minute exceeded",
+                          retry_after_s=verdict.retry_after_s, details={"limit_per_minute": verdict.limit})
+    return headers
+
+
+def check_body(body: AskBody) -> None:
+    """Limits msgspec cannot express on one field."""
+    total = sum(len(k) + len(v) for k, v in body.context_variables.items())
+    if total > MAX_CONTEXT_CHARS:
+        raise BadRequest(f"context_variables hold {total} characters; at most {MAX_CONTEXT_CHARS}",
+                         error_code="VALIDATION_ERROR", details={"field": "context_variables"})
+    if body.webhook_url is not None and body.stream:
+        raise BadRequest("webhook_url and stream cannot be combined: a webhook request answers 202",
+                         error_code="VALIDATION_ERROR", details={"field": "stream"})
+
+
+async def start(request: Request, a: Admitted) -> Started:
+    client = _client(request)
+    rid, tid = new_id(), a.body.thread_id or new_id()
+    start_by = time.time() + (a.body.max_wait_s or a.pool.limits.max_wait_s)
+    idem: Idempotency = request.app.state.idempotency
+    with translated(client.settings.redis_url):
+        if a.idem_key is not None:
+            claim = Claim(request_id=rid, thread_id=tid, fingerprint=fingerprint(a.pool_name, a.body),
+                          start_by=start_by, webhook=a.body.webhook_url is not None)
+            first = await idem.claim(a.principal.tenant, a.idem_key, claim)
+            if first is not None:
+                return await _replay(client, a, first)
+        await client.redis.set(client.names.owner(rid), a.principal.tenant, ex=REPLY_TTL_S)
+        if a.body.webhook_url is not None:
+            await _deliverer(request).schedule(rid, url=a.body.webhook_url, tenant=a.principal.tenant,
+                                               pool=a.pool_name, thread_id=tid, start_by=start_by)
+    try:
+        sub, ticket = await client.submit_subscribed(
+            a.pool_name, a.body.content, request_id=rid, thread_id=tid, tenant=a.principal.tenant,
+            max_wait_s=a.body.max_wait_s, context_variables=a.body.context_variables,
+            traceparent=request.headers.get("traceparent"),
+        )
+    except BaseException:
+        await _undo(request, a, rid)
+        raise
+    _follow_up(request, a, ticket, sub)
+    accepted = a.body.webhook_url is not None
+    return Started(ticket, None if accepted else sub, accepted=accepted)
+
+
+async def _undo(request: Request, a: Admitted, rid: str) -> None:
+    """Never published: a retry with the same Idempotency-Key must go through; no webhook follows."""
+    if a.idem_key is not None:
+        await request.app.state.idempotency.release(a.principal.tenant, a.idem_key, rid)
+    if a.body.webhook_url is not None:
+        await _deliverer(request).cancel(rid)
+
+
+def _follow_up(request: Request, a: Admitted, ticket: Ticket, sub: Subscription) -> None:
+    """Background work at the request's end: make its webhook due; keep an idempotent result 24 h."""
+    client = _client(request)
+    idem: Idempotency = request.app.state.idempotency
+    rid = ticket.request_id
+    after: list[Callable[[], Awaitable[None]]] = []
+    if a.idem_key is not None:
+        after.append(lambda: idem.keep_result(rid))
+    if a.body.webhook_url is not None:  # this task owns the subscription (no HTTP reader)
+        after.append(lambda: _deliverer(request).ready(rid))
+        watch_ticket, watch_sub = ticket, sub
+    elif after:  # the HTTP answer owns the subscription and the routing bookkeeping
+        watch_ticket = replace(ticket, replica="", start_by=None)
+        watch_sub = client.reader.subscribe(client.names.reply(rid))
+    else:
+        return
+    bg: Background = request.app.state.background
+    bg.spawn(_follow(client, watch_ticket, watch_sub, after), name=f"follow-{rid}")
+
+
+async def _follow(client: AgentPoolClient, ticket: Ticket, sub: Subscription,
+                  after: list[Callable[[], Awaitable[None]]]) -> None:
+    async for _entry in client.stream_raw(ticket, sub=sub):
+        pass  # stream_raw ends after the final event (writing QUEUE_TIMEOUT itself if due)
+    for step in after:
+        await step()
+
+
+async def _replay(client: AgentPoolClient, a: Admitted, first: Claim) -> Started:
+    """The first request of this Idempotency-Key, read again from its reply stream."""
+    rid = first.request_id
+    ticket = Ticket(rid, first.thread_id, a.pool_name, "", "replay", first.start_by)
+    if first.webhook:
+        return Started(ticket, None, accepted=True, replay=True)
+    if await client.redis.exists(client.names.reply(rid)):
+        ticket.start_by = None  # it started (or ended): no queue deadline to enforce here
+    elif time.time() > first.start_by + 1:
+        raise NotFound(f"the result of request {rid!r} (this Idempotency-Key's first) has expired",
+                       error_code="REQUEST_NOT_FOUND", details={"request_id": rid})
+    return Started(ticket, client.reader.subscribe(client.names.reply(rid)), replay=True)
+
+
+def _deliverer(request: Request) -> Deliverer:
+    return request.app.state.webhooks  # type: ignore[no-any-return]

@@ -1,0 +1,64 @@
+"""The ASGI app: ``create_app()`` wires routes, error handling and the client's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from broker.client import AgentPoolClient
+from gateway import admin, external, routes
+from gateway.http import error_response
+from shared.config import Config, load_config
+from shared.errors import AgentPoolError, BadRequest, NotFound
+from shared.settings import Settings
+
+
+def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    config = config or load_config(settings.config_path)
+    prepared = external.prepare(config)  # env vars named by the pools file
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AgentPoolClient(settings, config) as client:
+            app.state.client = client
+            async with external.lifespan(app, client, settings, prepared):
+                yield
+
+    app = Starlette(
+        routes=[
+            Route("/v1/ask/{pool}", routes.ask, methods=["POST"]),
+            Route("/v1/requests/{request_id}", routes.get_request, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics_text, methods=["GET"]),
+            *admin.ROUTES,
+            *external.ROUTES,
+        ],
+        lifespan=lifespan,
+        exception_handlers={AgentPoolError: _on_error, HTTPException: _on_http_error},
+    )
+    app.state.settings = settings
+    app.state.config = config
+    return app
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AgentPoolError)
+    return error_response(exc, getattr(request.state, "rate_headers", None))  # set once rate-limited
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        err: AgentPoolError = NotFound(f"no route {request.method} {request.url.path}")
+    else:
+        err = BadRequest(str(exc.detail), error_code="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST")
+        err.status = exc.status_code
+    return error_response(err)

@@ -1,0 +1,80 @@
+"""Small HTTP helpers: msgspec JSON responses, the error shape, bounded body reading."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.errors import AgentPoolError, BadRequest, PayloadTooLarge
+
+T = TypeVar("T")
+_ENC = msgspec.json.Encoder()
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _ENC.encode(content)
+
+
+def error_response(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> Response:
+    headers = dict(extra_headers or {})
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return JSON(err.body(), status_code=err.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (by header first, then while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Content-Length is not a number", details={"header": "content-length"})
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes", details={"limit_bytes": limit})
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes", details={"limit_bytes": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """JSON -> ``type_``; every failure is a 400 naming the field and the problem."""
+    if not body:
+        raise BadRequest("the request body is empty; send a JSON object", error_code="INVALID_JSON")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as e:
+        raise BadRequest(str(e), error_code="VALIDATION_ERROR", details=_where(str(e))) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not valid JSON: {e}", error_code="INVALID_JSON") from None
+
+
+def _where(message: str) -> dict[str, str]:
+    _, sep, path = message.partition(" - at `")
+    return {"field": path.rstrip("`").removeprefix("$.")} if sep else {}
+
+
+def wants_sse(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+
+
+def resume_after(request: Request) -> bytes:
+    """``Last-Event-ID`` (or ``?after=``): a Redis stream entry id, validated; ``0-0`` if none."""
+    after = request.headers.get("last-event-id", request.query_params.get("after", "0-0"))  # "" is invalid
+    if not _STREAM_ID.match(after):
+        raise BadRequest("Last-Event-ID must be a stream entry id like 1795334370711-0",
+                         error_code="VALIDATION_ERROR", details={"header": "Last-Event-ID"})
+    return after.encode()

@@ -1,0 +1,93 @@
+"""``Idempotency-Key``: the same key and body within 24 h get the first request's answer.
+
+The first request claims ``idem:{tenant}:{key}`` with ``SET NX`` (its request id, thread id and a
+fingerprint of pool + body); a repeat with the same fingerprint reads the first request's reply
+stream ``reply:{id}``, and one with another body gets 422 ``IDEMPOTENCY_CONFLICT``. A first
+request that could not be published releases its claim so that a retry can go through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import msgspec
+import redis.asyncio as aredis
+from starlette.requests import Request
+
+from gateway.schemas import AskBody
+from shared.errors import BadRequest, Conflict
+from shared.names import Names
+
+IDEM_TTL_S = 24 * 3600
+MAX_KEY_CHARS = 256
+_KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII: safe inside a Redis key and in logs
+_CANON = msgspec.json.Encoder(order="sorted")
+
+_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.find(v, ARGV[1], 1, true) then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Claim(msgspec.Struct, kw_only=True):
+    """What the first request of a key recorded."""
+
+    request_id: str
+    thread_id: str
+    fingerprint: str
+    start_by: float
+    webhook: bool = False
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, validated (1-256 visible ASCII characters)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not _KEY.match(key):
+        raise BadRequest(
+            f"Idempotency-Key must be 1-{MAX_KEY_CHARS} visible ASCII characters",
+            error_code="VALIDATION_ERROR", details={"header": "Idempotency-Key"},
+        )
+    return key
+
+
+def fingerprint(pool: str, body: AskBody) -> str:
+    """Of the decoded body, so key order and whitespace do not make two bodies differ."""
+    return hashlib.sha256(pool.encode() + b"\0" + _CANON.encode(body)).hexdigest()
+
+
+class Idempotency:
+    def __init__(self, redis: aredis.Redis, names: Names) -> None:
+        self.redis = redis
+        self.names = names
+        self._release = redis.register_script(_RELEASE)
+
+    async def claim(self, tenant: str, key: str, claim: Claim) -> Claim | None:
+        """None if this request is the first with ``key``; else the first one's claim (or 422)."""
+        k = self.names.idem(tenant, key)
+        if await self.redis.set(k, msgspec.json.encode(claim), nx=True, ex=IDEM_TTL_S):
+            return None
+        raw = await self.redis.get(k)
+        if raw is None:  # expired between the two calls: claim again
+            return await self.claim(tenant, key, claim)
+        first = msgspec.json.decode(raw, type=Claim)
+        if first.fingerprint != claim.fingerprint:
+            raise Conflict(
+                "this Idempotency-Key was used with a different request body",
+                details={"request_id": first.request_id},
+            )
+        return first
+
+    async def release(self, tenant: str, key: str, request_id: str) -> None:
+        """Drop the claim of ``request_id`` (it was never published)."""
+        await self._release(keys=[self.names.idem(tenant, key)], args=[f'"{request_id}"'])
+
+    async def keep_result(self, request_id: str) -> None:
+        """Keep the reply stream (and its owner) as long as the key, not the usual hour."""
+        async with self.redis.pipeline(transaction=False) as p:
+            p.expire(self.names.reply(request_id), IDEM_TTL_S)
+            p.expire(self.names.owner(request_id), IDEM_TTL_S)
+            await p.execute()

@@ -1,0 +1,112 @@
+"""HTTP handlers. Each decodes, calls the client, and shapes the answer; nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from broker.client import AgentPoolClient, Ticket
+from gateway import admission
+from gateway.auth import owns, require
+from gateway.http import JSON, resume_after, wants_sse
+from gateway.schemas import Accepted, AskResponse
+from gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
+from shared import metrics
+from shared.errors import NotFound, RequestFailed, status_for_code
+from shared.messages import End, Error
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _client(request: Request) -> AgentPoolClient:
+    return request.app.state.client  # type: ignore[no-any-return]
+
+
+async def ask(request: Request) -> Response:
+    client = _client(request)
+    admitted = await admission.admit(request)  # auth, the tenant's pool, rate limit, body
+    started = await admission.start(request, admitted)  # idempotency, webhook record, publish
+    ticket, sub, body = started.ticket, started.sub, admitted.body
+    headers = {"X-Request-ID": ticket.request_id, "X-Thread-ID": ticket.thread_id,
+               "X-Routing-Tier": ticket.tier, **admitted.rate_headers}
+    if started.replay:
+        headers["Idempotent-Replayed"] = "true"
+    if started.accepted:
+        headers["Location"] = f"/v1/requests/{ticket.request_id}"
+        return JSON(Accepted(request_id=ticket.request_id, thread_id=ticket.thread_id), 202, headers)
+    if body.stream or wants_sse(request):
+        entries = client.stream_raw(ticket, sub=sub, keepalive_s=KEEPALIVE_S)
+        return _sse(client, ticket, entries, headers)
+    try:
+        end = await client.result(ticket, sub=sub)
+    except RequestFailed as e:
+        e.status = status_for_code(e.error_code)
+        raise
+    return JSON(_answer(end), headers=headers)
+
+
+def _answer(end: End) -> AskResponse:
+    return AskResponse(
+        request_id=end.request_id, thread_id=end.thread_id, agent_id=end.agent_id,
+        content=end.content, usage=end.usage, timings=end.timings, created_at=end.created_at,
+        attempt=end.attempt,
+    )
+
+
+def _sse(client: AgentPoolClient, ticket: Ticket, entries: Any, headers: dict[str, str]) -> Response:
+    def abandon() -> None:  # client went away mid-stream: stop the agent generating
+        task = asyncio.get_running_loop().create_task(client.store.cancel(ticket.request_id))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    return StreamingResponse(
+        frames(entries, abandon), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+    )
+
+
+async def get_request(request: Request) -> Response:
+    """The result of an earlier request, or its stream resumed after ``Last-Event-ID``."""
+    client = _client(request)
+    principal = await require(request, "ask")
+    rid = request.path_params["request_id"]
+    key = client.names.reply(rid)
+    # Another tenant's request looks exactly like an unknown one.
+    if not (await owns(client, principal, rid) and await client.redis.exists(key)):
+        raise NotFound(f"no request {rid!r} (unknown or expired)", error_code="REQUEST_NOT_FOUND")
+    after = resume_after(request)  # validated in either mode
+    if wants_sse(request):
+        ticket = Ticket(rid, "", "", "", "resume")
+        entries = client.stream_raw(ticket, after=after, keepalive_s=KEEPALIVE_S)
+        return _sse(client, ticket, entries, {"X-Request-ID": rid})
+    last = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrevrange(key, count=1))
+    for _id, fields in last:
+        if fields[b"t"] == b"end":
+            return JSON(_answer(msgspec.json.decode(fields[b"d"], type=End)))
+        if fields[b"t"] == b"error":
+            err = msgspec.json.decode(fields[b"d"], type=Error)
+            failed = RequestFailed(err.error, error_code=err.error_code, details={"request_id": rid})
+            failed.status = status_for_code(err.error_code)
+            raise failed
+    return JSON({"request_id": rid, "status": "running"}, status_code=202)
+
+
+async def healthz(request: Request) -> Response:
+    return JSON({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    deps = await _client(request).ready()
+    ok = all(deps.values())
+    return JSON({"status": "ready" if ok else "not_ready", "dependencies": deps}, status_code=200 if ok else 503)
+
+
+async def metrics_text(request: Request) -> Response:
+    """Prometheus scrape of this gateway process; 404 when metrics are off (AGENTPOOL_METRICS=0)."""
+    if not metrics.enabled():
+        raise NotFound("metrics are disabled (AGENTPOOL_METRICS=0)")
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type})

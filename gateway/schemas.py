@@ -1,0 +1,93 @@
+"""Request and response bodies of the HTTP API (msgspec; also the source of the OpenAPI doc)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from gateway.keys import KeyInfo
+from shared.messages import Timings, Usage
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_CONTENT_CHARS = 10_000
+MAX_CONTEXT_CHARS = 16_000  # all context variable names + values together
+
+ThreadId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+VarName = Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")]
+VarValue = Annotated[str, msgspec.Meta(max_length=4000)]
+WebhookUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+
+
+class AskBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CONTENT_CHARS)]
+    thread_id: ThreadId | None = None
+    stream: bool = False
+    max_wait_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] | None = None  # below 0.1 s nothing starts
+    context_variables: Annotated[dict[VarName, VarValue], msgspec.Meta(max_length=32)] = {}
+    webhook_url: WebhookUrl | None = None  # answer 202 now, POST the result there when done
+
+
+class AskResponse(msgspec.Struct, kw_only=True):
+    request_id: str
+    thread_id: str
+    agent_id: str
+    content: str
+    usage: Usage
+    timings: Timings
+    created_at: float
+    attempt: int = 1
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    error_code: str
+    details: dict[str, Any] = {}
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    """202 for a webhook request: the result is POSTed to ``webhook_url`` (and readable by id)."""
+
+    request_id: str
+    thread_id: str
+
+
+class Running(msgspec.Struct, kw_only=True):
+    request_id: str
+    status: Literal["running"] = "running"
+
+
+class WebhookError(msgspec.Struct, kw_only=True):
+    error: str
+    error_code: str
+
+
+class WebhookPayload(msgspec.Struct, kw_only=True):
+    """The body POSTed to ``webhook_url``; signed in ``X-Webhook-Signature``."""
+
+    request_id: str
+    thread_id: str
+    pool: str
+    status: Literal["completed", "failed"]
+    agent_id: str | None = None
+    content: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    created_at: float | None = None
+    error: WebhookError | None = None
+
+
+class KeyList(msgspec.Struct, kw_only=True):
+    keys: list[KeyInfo]
+
+
+class Revoked(msgspec.Struct, kw_only=True):
+    id: str
+    revoked: bool = True
+
+
+class WebhookSecret(msgspec.Struct, kw_only=True):
+    """The secret that signs this tenant's webhooks (HMAC-SHA256 of the body)."""
+
+    tenant: str
+    secret: str

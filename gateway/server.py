@@ -1,0 +1,34 @@
+"""Serving the gateway with uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
+
+from gateway.app import create_app
+from shared.config import Config
+from shared.settings import Settings
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its host (``agentpool dev``, tests)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def server(settings: Settings, config: Config, host: str, port: int, *, embedded: bool = False) -> uvicorn.Server:
+    app = create_app(settings, config)
+    cfg = uvicorn.Config(
+        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_config=None, timeout_graceful_shutdown=10, server_header=False,
+    )
+    return (EmbeddedServer if embedded else uvicorn.Server)(cfg)
+
+
+def run_gateway(settings: Settings, config: Config, host: str, port: int) -> int:
+    server(settings, config, host, port).run()
+    return 0

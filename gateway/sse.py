@@ -1,0 +1,36 @@
+"""Server-Sent Events framing for reply streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from broker.client import KEEPALIVE
+from shared import metrics
+from shared.messages import FINAL_TYPES
+
+KEEPALIVE_S = 15.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def frame(entry_id: bytes, kind: bytes, data: bytes) -> bytes:
+    """``id:`` is the Redis stream entry id, so ``Last-Event-ID`` resumes on any gateway."""
+    return b"id: " + entry_id + b"\nevent: " + kind + b"\ndata: " + data + b"\n\n"
+
+
+async def frames(
+    entries: AsyncIterator[tuple[bytes, bytes, bytes]], on_abandon: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """SSE frames for ``entries``; ``on_abandon`` runs if the client leaves before the end."""
+    finished = False
+    metrics.sse_streams(1)
+    try:
+        async for entry in entries:
+            if entry is KEEPALIVE:
+                yield b": keep-alive\n\n"
+                continue
+            yield frame(*entry)
+            finished = entry[1] in FINAL_TYPES
+    finally:
+        metrics.sse_streams(-1)
+        if not finished:
+            on_abandon()
