@@ -1,0 +1,7 @@
+"""agentpool: pools of warm LLM agents behind RabbitMQ and Redis.
+
+The packages are ``shared`` <- ``broker`` <- ``workers``, ``gateway``; this one only holds the
+``agentpool`` command, which imports each subcommand's package when that subcommand runs.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from agentpool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,263 @@
+"""The ``agentpool`` command. Each subcommand imports only the packages it needs.
+
+Exit codes: 0 ok, 2 bad usage or configuration, 3 a dependency (RabbitMQ/Redis) is unreachable,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+from collections.abc import Callable
+
+from agentpool import keys_cmd
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentpool", description="Pools of warm LLM agents.")
+    p.add_argument("--config", help="pools file (default: $AGENTPOOL_CONFIG or the shipped example)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="run workers for every deployment and the gateway, on this machine")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8080)
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    gw.add_argument("--host", default="0.0.0.0")
+    gw.add_argument("--port", type=int, default=8080)
+
+    w = sub.add_parser("worker", help="run one warm replica")
+    w.add_argument("--pool", required=True)
+    w.add_argument("--deployment", required=True)
+    w.add_argument("--replica", type=_replica_arg, required=True,
+                   help="replica number from 1, or auto: the lowest free slot, through a Redis lease")
+    w.add_argument("--drain-timeout-s", type=float, default=30.0)
+    w.add_argument("--metrics-port", type=int, help="serve this replica's /metrics (outside a supervisor)")
+
+    ws = sub.add_parser("workers", help="run the supervisor: keep deployments at their desired replicas")
+    ws.add_argument("--pool", action="append", help="only these pools (repeatable)")
+    ws.add_argument("--metrics-port", type=int, default=9464,
+                    help="one /metrics endpoint summing every worker (default 9464; 0 = any free port)")
+
+    f = sub.add_parser("fake-llm", help="run the fake LLM server (OpenAI + Anthropic wire formats)")
+    f.add_argument("args", nargs=argparse.REMAINDER, help="see `agentpool fake-llm --help`")
+
+    sc = sub.add_parser("scale", help="set a deployment's desired replicas")
+    sc.add_argument("pool")
+    sc.add_argument("deployment")
+    sc.add_argument("replicas", type=int)
+
+    st = sub.add_parser("status", help="pools: desired vs ready replicas and health; or one pool's replicas")
+    st.add_argument("pool", nargs="?")
+
+    sub.add_parser("check", help="probe RabbitMQ and Redis and the pools file; exit 0 if all are fine")
+    keys_cmd.add_parser(sub)
+    return p
+
+
+def _replica_arg(value: str) -> int | None:
+    """``auto`` -> None (claim a free slot), else a replica number >= 1."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("expected a number >= 1 or 'auto'")
+    return int(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "fake-llm":
+        from workers import fake_llm
+
+        return int(fake_llm.main(args.args) or 0)
+
+    from shared.config import load_config
+    from shared.errors import ConfigError, Unavailable
+    from shared.logs import setup_logging
+    from shared.settings import Settings
+
+    try:
+        settings = Settings.from_env()
+        if args.config:
+            from dataclasses import replace
+
+            settings = replace(settings, config_path=args.config)
+        config = load_config(settings.config_path)
+    except ConfigError as e:
+        print(f"agentpool: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("text" if args.command == "dev" else settings.log_format, settings.log_level)
+    from shared import metrics
+
+    metrics.configure(settings.metrics)
+    commands: dict[str, Callable[[], int]] = {
+        "dev": lambda: _dev(settings, config, args.host, args.port),
+        "gateway": lambda: _gateway(settings, config, args.host, args.port),
+        "worker": lambda: _worker(settings, config, args),
+        "workers": lambda: _workers(settings, config, args.pool, args.metrics_port),
+        "scale": lambda: _scale(settings, config, args.pool, args.deployment, args.replicas),
+        "check": lambda: _check(settings),
+        "status": lambda: _status(settings, config, args.pool),
+        "keys": lambda: keys_cmd.run(settings, config, args),
+    }
+    try:
+        return commands[args.command]()
+    except ConfigError as e:
+        print(f"agentpool: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Unavailable as e:
+        print(f"agentpool: {e.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _how_to_start(service: str) -> str:
+    binary = {"RabbitMQ": "rabbitmq-server", "Redis": "redis-server"}[service]
+    local = {"RabbitMQ": "rabbitmq-server -detached",
+             "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'}
+    hint = f"start it with `docker compose up -d {service.lower()}`"
+    if shutil.which(binary):
+        hint += f", or with the local server: `{local[service]}`"
+    return hint
+
+
+async def _probe(settings: object) -> list[str]:
+    """Which dependencies are unreachable, each with its URL and how to get it."""
+    import aio_pika
+
+    from broker.redis_conn import connect
+    from shared.settings import Settings, redact_url
+
+    assert isinstance(settings, Settings)
+    problems = []
+    try:
+        conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
+        await conn.close()
+    except Exception as e:
+        problems.append(f"RabbitMQ is not reachable at {redact_url(settings.amqp_url)} ({type(e).__name__}: {e}); "
+                        + _how_to_start("RabbitMQ"))
+    r = connect(settings.redis_url)
+    try:
+        await asyncio.wait_for(r.ping(), 5)
+    except Exception as e:
+        problems.append(f"Redis is not reachable at {redact_url(settings.redis_url)} ({type(e).__name__}: {e}); "
+                        + _how_to_start("Redis"))
+    finally:
+        await r.aclose()
+    return problems
+
+
+def _check(settings: object) -> int:
+    problems = asyncio.run(_probe(settings))
+    for p in problems:
+        print(f"agentpool: {p}", file=sys.stderr)
+    if not problems:
+        print("ok: RabbitMQ, Redis and the pools file are fine")
+    return EXIT_UNAVAILABLE if problems else EXIT_OK
+
+
+def _worker(settings: object, config: object, args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+
+    return run_worker(settings, config, args.pool, args.deployment, args.replica,  # type: ignore[arg-type]
+                      drain_timeout_s=args.drain_timeout_s, metrics_port=args.metrics_port)
+
+
+def _workers(settings: object, config: object, pools: list[str] | None, metrics_port: int | None) -> int:
+    import uvloop
+
+    from workers.main import install_stop_signals
+    from workers.supervisor import Supervisor
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        # metrics_port: one endpoint summing every worker
+        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port)  # type: ignore[arg-type]
+        await sup.async_run(stop)
+
+    uvloop.run(run())
+    return EXIT_OK
+
+
+def _gateway(settings: object, config: object, host: str, port: int) -> int:
+    from gateway.server import run_gateway
+
+    return run_gateway(settings, config, host, port)  # type: ignore[arg-type]
+
+
+def _dev(settings: object, config: object, host: str, port: int) -> int:
+    """Workers (supervised) and the gateway in one command; Ctrl-C stops all of it cleanly."""
+    import uvloop
+
+    from gateway.server import server
+    from workers.main import install_stop_signals
+    from workers.supervisor import Supervisor
+
+    problems = asyncio.run(_probe(settings))
+    if problems:
+        for p in problems:
+            print(f"agentpool: {p}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    key = asyncio.run(keys_cmd.dev_key(settings))
+    print("dev API key (tenant default, scopes ask+admin); requests without a key still work:\n"
+          f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        sup = Supervisor(settings, config, env={"AGENTPOOL_LOG_FORMAT": "text"})  # type: ignore[arg-type]
+        sup_task = asyncio.create_task(sup.async_run(stop))
+        srv = server(settings, config, host, port, embedded=True)  # type: ignore[arg-type]
+        srv_task = asyncio.create_task(srv.serve())
+        await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
+        srv.should_exit = True
+        await srv_task
+        await sup_task
+
+    uvloop.run(run())
+    return EXIT_OK
+
+
+def _scale(settings: object, config: object, pool: str, deployment: str, replicas: int) -> int:
+    from broker.fleet import Fleet
+    from broker.leases import MAX_REPLICAS
+    from broker.redis_conn import connect
+    from broker.tenants import pool_config
+    from shared.names import Names
+    from shared.settings import Settings
+
+    assert isinstance(settings, Settings)
+    cfg_pool = pool_config(config, pool)  # type: ignore[arg-type]
+    if cfg_pool is None or deployment not in {d.name for d in cfg_pool.deployments}:
+        print(f"agentpool: no deployment {deployment!r} in pool {pool!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not 0 <= replicas <= MAX_REPLICAS:
+        print(f"agentpool: replicas must be 0..{MAX_REPLICAS}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> None:
+        r = connect(settings.redis_url)
+        try:  # also wakes an idle pool and nudges the supervisors to act at once
+            await Fleet(r, Names(settings.namespace), config).set_desired(pool, deployment, replicas)  # type: ignore[arg-type]
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
+    print(f"{pool}/{deployment}: desired replicas = {replicas}")
+    return EXIT_OK
+
+
+def _status(settings: object, config: object, pool: str | None) -> int:
+    from agentpool.status import render
+
+    print(asyncio.run(render(settings, config, pool)))  # type: ignore[arg-type]
+    return EXIT_OK

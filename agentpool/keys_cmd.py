@@ -1,0 +1,103 @@
+"""``agentpool keys create|list|revoke``, and the key ``agentpool dev`` prints.
+
+A created key is printed once and never stored in plain: only its SHA-256 is kept in Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``keys`` on the top-level subparsers."""
+    k = sub.add_parser("keys", help="API keys: create (printed once), list, revoke")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    c = ks.add_parser("create", help="create a key for a tenant and print it once")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--scope", action="append", choices=["ask", "admin"],
+                   help="repeatable; default: ask")
+    c.add_argument("--rpm", type=int, help="this key's requests per minute (default: the pools file's)")
+    ls = ks.add_parser("list", help="list keys (never the keys themselves)")
+    ls.add_argument("--tenant")
+    r = ks.add_parser("revoke", help="revoke a key at once")
+    r.add_argument("key_id")
+
+
+def run(settings: Any, config: Any, args: argparse.Namespace) -> int:
+    actions = {"create": _create, "list": _list, "revoke": _revoke}
+    return asyncio.run(actions[args.keys_command](settings, config, args))
+
+
+async def _with_store(settings: Any, fn: Any) -> Any:
+    from broker.redis_conn import connect, translated
+    from gateway.keys import KeyStore
+    from shared.names import Names
+
+    r = connect(settings.redis_url)
+    try:
+        with translated(settings.redis_url):
+            return await fn(KeyStore(r, Names(settings.namespace)))
+    finally:
+        await r.aclose()
+
+
+async def _create(settings: Any, config: Any, args: argparse.Namespace) -> int:
+    from shared.errors import BadRequest
+
+    if args.rpm is not None and args.rpm < 0:
+        print("agentpool: --rpm must be >= 0 (0 = unlimited)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        info, key = await _with_store(
+            settings, lambda s: s.create(args.tenant, args.scope or ["ask"], rpm=args.rpm))
+    except BadRequest as e:
+        print(f"agentpool: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"created key {info.id} for tenant {info.tenant} (scopes: {' '.join(info.scopes)})")
+    print("store it now; it is not kept and cannot be shown again:")
+    print(key)
+    return EXIT_OK
+
+
+async def _list(settings: Any, config: Any, args: argparse.Namespace) -> int:
+    keys = await _with_store(settings, lambda s: s.list(args.tenant))
+    keys += [_config_info(i, e) for i, e in enumerate(config.api_keys)
+             if args.tenant is None or e.tenant == args.tenant]
+    print(f"{'ID':<18} {'TENANT':<16} {'SCOPES':<10} {'SOURCE':<7} {'RPM':>7}  CREATED")
+    for k in keys:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created_at)) if k.created_at else "-"
+        rpm = "default" if k.requests_per_minute is None else str(k.requests_per_minute)
+        print(f"{k.id:<18} {k.tenant:<16} {','.join(k.scopes):<10} {k.source:<7} {rpm:>7}  {created}")
+    return EXIT_OK
+
+
+def _config_info(i: int, entry: Any) -> Any:
+    from gateway.keys import KeyInfo
+
+    return KeyInfo(id=entry.id or f"config-{i}", tenant=entry.tenant, scopes=list(entry.scopes),
+                   created_at=0.0, source="config", requests_per_minute=entry.requests_per_minute)
+
+
+async def _revoke(settings: Any, config: Any, args: argparse.Namespace) -> int:
+    if not await _with_store(settings, lambda s: s.revoke(args.key_id)):
+        print(f"agentpool: no key {args.key_id!r} in Redis (keys from the pools file are removed there)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(f"revoked {args.key_id}")
+    return EXIT_OK
+
+
+async def dev_key(settings: Any) -> str:
+    """A fresh key for tenant default with both scopes; replaces the previous dev key.
+
+    Dev keys do not turn auth on: ``agentpool dev`` stays open for requests without a key.
+    """
+    _info, key = await _with_store(settings, lambda s: s.create("default", ["ask", "admin"], dev=True))
+    return str(key)

@@ -1,0 +1,62 @@
+"""``agentpool status [POOL]``: the fleet status of broker/fleet.py, as plain-text tables."""
+
+from __future__ import annotations
+
+import time
+
+from broker.fleet import Fleet, Health, PoolStatus
+from broker.redis_conn import connect, translated
+from shared.config import Config
+from shared.errors import NotFound
+from shared.names import Names
+from shared.settings import Settings
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = [headers, *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(ln, widths, strict=True)).rstrip() for ln in lines)
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "-" if not ts else f"{max(0.0, now - ts):.1f}s ago"
+
+
+def pools_table(statuses: list[PoolStatus]) -> str:
+    rows = [[s.pool, s.status, d.name, f"{d.ready}/{d.desired}", str(d.configured), str(d.starting),
+             str(d.draining), str(s.requests), str(s.cold_starts)]
+            for s in statuses for d in s.deployments]
+    return table(["POOL", "STATUS", "DEPLOYMENT", "READY/DESIRED", "CONFIGURED", "STARTING", "DRAINING",
+                  "REQUESTS", "COLD STARTS"], rows)
+
+
+def replicas_table(s: PoolStatus, now: float) -> str:
+    rows = [[r.id, r.status, str(r.depth), str(r.in_flight), str(r.processed), str(r.errors),
+             f"{r.avg_latency_ms:.1f}", _ago(r.started_at, now), _ago(r.last_heartbeat, now)]
+            for r in s.replicas]
+    head = f"pool {s.pool}: {s.status}" + (" (asleep: idle past its idle_timeout_s)" if s.asleep else "")
+    return head + "\n" + table(["REPLICA", "STATUS", "DEPTH", "IN FLIGHT", "PROCESSED", "ERRORS",
+                                "AVG MS", "STARTED", "HEARTBEAT"], rows)
+
+
+def health_line(h: Health) -> str:
+    return (f"{h.healthy_pools}/{h.total_pools} pools healthy; {h.active_requests} active requests; "
+            f"{h.total_requests} total; avg response {h.avg_response_ms:.1f} ms")
+
+
+async def render(settings: Settings, config: Config, pool: str | None) -> str:
+    redis = connect(settings.redis_url)
+    try:
+        with translated(settings.redis_url):
+            fleet = Fleet(redis, Names(settings.namespace), config)
+            now = time.time()
+            if pool is not None:
+                if pool not in await fleet.pool_names():
+                    raise NotFound(f"no pool named {pool!r}", error_code="POOL_NOT_FOUND")
+                s = await fleet.status(pool)
+                return pools_table([s]) + "\n\n" + replicas_table(s, now)
+            statuses = await fleet.statuses()
+            return pools_table(statuses) + "\n\n" + health_line(Health.of(statuses))
+    finally:
+        await redis.aclose()
