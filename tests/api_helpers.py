@@ -1,0 +1,116 @@
+"""Helpers for the external-API tests: a two-tenant pools file, keys, and a webhook receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.keys import KeyStore
+from shared.config import Config, parse_config
+from tests.conftest import System, free_port, wait_until
+
+POOL = """
+[pools.{name}]
+tenant = "{tenant}"
+limits = {{ concurrency = 4, sticky_depth = 3, max_depth = 10, max_wait_s = {max_wait_s} }}
+{pool_extra}
+[[pools.{name}.deployments]]
+name = "main"
+agent_type = "echo"
+replicas = {replicas}
+"""
+
+
+def tenant_config(
+    *,
+    extra: str = "",
+    pools: dict[str, str] | None = None,
+    replicas: int = 1,
+    pool_extra: str = "",
+    tokens_per_s: float = 0,
+    max_wait_s: float = 60,
+) -> Config:
+    """Pools ``pa`` (tenant ``ta``) and ``pb`` (tenant ``tb``), one fake replica each, unless told."""
+    text = f"""
+[providers.fake]
+kind = "fake"
+tokens_per_s = {tokens_per_s}
+reply_tokens = 12
+
+[agent_types.echo]
+system_prompt = "You are a test agent."
+provider = "fake"
+"""
+    for name, tenant in (pools or {"pa": "ta", "pb": "tb"}).items():
+        text += POOL.format(
+            name=name, tenant=tenant, replicas=replicas, pool_extra=pool_extra, max_wait_s=max_wait_s
+        )
+    return parse_config(text + extra, "test.toml")
+
+
+def store(system: System) -> KeyStore:
+    return KeyStore(system.client.redis, system.client.names)
+
+
+async def make_key(system: System, tenant: str, *scopes: str, rpm: int | None = None) -> tuple[str, str]:
+    """-> (key id, key)."""
+    info, key = await store(system).create(tenant, list(scopes) or ["ask"], rpm=rpm)
+    return info.id, key
+
+
+def h(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """A local webhook endpoint: answers with ``statuses`` in turn (the last one repeats)."""
+
+    url: str = ""
+    statuses: list[int] = field(default_factory=lambda: [200])
+    deliveries: list[Delivery] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    async def handle(self, request: Request) -> Response:
+        self.deliveries.append(Delivery(dict(request.headers), await request.body()))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        status = self.statuses[min(len(self.deliveries), len(self.statuses)) - 1]
+        return Response(b"ok" if status < 300 else b"no", status_code=status)
+
+    async def wait_for(self, n: int, timeout_s: float = 15.0) -> None:
+        await wait_until(lambda: len(self.deliveries) >= n, timeout_s, f"{n} webhook deliveries")
+
+
+@contextlib.asynccontextmanager
+async def receiver(statuses: list[int] | None = None) -> AsyncIterator[Receiver]:
+    """A :class:`Receiver` served by uvicorn on a free loopback port, in this event loop."""
+    import uvicorn
+
+    from gateway.server import EmbeddedServer
+
+    rec = Receiver(statuses=statuses or [200])
+    port = free_port()
+    app = Starlette(routes=[Route("/hook", rec.handle, methods=["POST"])])
+    srv = EmbeddedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    task = asyncio.create_task(srv.serve())
+    await wait_until(lambda: srv.started or task.done(), 10, "webhook receiver start")
+    rec.url = f"http://127.0.0.1:{port}/hook"
+    try:
+        yield rec
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 10)

@@ -1,0 +1,258 @@
+"""Fixtures: real RabbitMQ and Redis, one namespace per test, cleaned up afterwards.
+
+Services come from AGENTPOOL_AMQP_URL/AMQP_URL and AGENTPOOL_REDIS_URL/REDIS_URL (default: the
+local servers), or from testcontainers when no local server answers and a Docker engine does.
+Without either, tests skip locally and fail under CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aredis
+
+from broker.client import AgentPoolClient
+from shared.config import Config, parse_config
+from shared.names import Names, replica_id
+from shared.settings import Settings
+
+RUN = secrets.token_hex(3)
+_counter = iter(range(1, 10_000))
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def service_urls() -> Iterator[tuple[str, str]]:
+    amqp = os.environ.get("AGENTPOOL_AMQP_URL") or os.environ.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+    red = os.environ.get("AGENTPOOL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if (_reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379)) or "AMQP_URL" in os.environ:
+        yield amqp, red
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+        from testcontainers.redis import RedisContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as rmq, RedisContainer("redis:7") as rds:
+            yield (
+                f"amqp://guest:guest@{rmq.get_container_host_ip()}:{rmq.get_exposed_port(5672)}/",
+                f"redis://{rds.get_container_host_ip()}:{rds.get_exposed_port(6379)}/0",
+            )
+        return
+    msg = "RabbitMQ/Redis not reachable on 127.0.0.1 and no Docker engine for testcontainers"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+EXAMPLE = """
+[providers.fake]
+kind = "fake"
+ttft_ms = {ttft_ms}
+tokens_per_s = {tokens_per_s}
+reply_tokens = {reply_tokens}
+
+[agent_types.echo]
+system_prompt = "You are a test agent for {{PRODUCT}}."
+provider = "fake"
+retries = 1
+
+[pools.{pool}]
+limits = {{ concurrency = {concurrency}, sticky_depth = {sticky_depth}, max_depth = {max_depth}, rescue_after_s = {rescue_after_s}, max_attempts = {max_attempts} }}
+
+[[pools.{pool}.deployments]]
+name = "main"
+agent_type = "echo"
+replicas = {replicas}
+"""
+
+
+def make_config(
+    *, pool: str = "p", replicas: int = 3, concurrency: int = 4, sticky_depth: int = 3,
+    max_depth: int = 10, ttft_ms: float = 0, tokens_per_s: float = 0, reply_tokens: int = 12,
+    rescue_after_s: float = 5, max_attempts: int = 3, extra: str = "",
+) -> Config:
+    text = EXAMPLE.format(**locals()) + extra
+    return parse_config(text, "test.toml")
+
+
+async def cleanup_namespace(settings: Settings, config: Config, max_replicas: int = 12) -> None:
+    """Delete every queue, exchange and key this namespace may have made."""
+    names = Names(settings.namespace)
+    conn = await aio_pika.connect(settings.amqp_url)
+    async with conn:
+        ch = await conn.channel()
+        for pool, p in config.pools.items():
+            queues = [names.pool_queue(pool), names.parking_queue(pool)]
+            queues += [names.replica_queue(replica_id(pool, d.name, n))
+                       for d in p.deployments for n in range(1, max_replicas + 1)]
+            for q in queues:
+                await ch.queue_delete(q)
+            await ch.exchange_delete(names.pool_exchange(pool))
+    r = aredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in r.scan_iter(match=names.pattern(), count=1000)]
+        for i in range(0, len(keys), 500):
+            await r.delete(*keys[i:i + 500])
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
+def settings(service_urls: tuple[str, str]) -> Settings:
+    amqp, red = service_urls
+    return Settings(amqp_url=amqp, redis_url=red, namespace=f"t{RUN}-{next(_counter)}")
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout_s`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        res = predicate()
+        if asyncio.iscoroutine(res) or isinstance(res, Awaitable):
+            res = await res  # type: ignore[misc]
+        if res:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class System:
+    """A running namespace: in-process workers plus a client, all torn down by the fixture."""
+
+    settings: Settings
+    config: Config
+    client: AgentPoolClient
+    workers: dict[str, Any] = field(default_factory=dict)
+    drain_timeout_s: float = 10.0
+    _tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
+
+    async def start_worker(self, pool: str, deployment: str, n: int, wait: bool = True) -> Any:
+        from workers.runtime import Worker
+
+        w = Worker(self.settings, self.config, pool, deployment, n)
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.async_run(stop, drain_timeout_s=self.drain_timeout_s))
+        self.workers[w.replica_id] = w
+        self._tasks[w.replica_id] = (task, stop)
+        if wait:
+            ready = asyncio.create_task(w.ready.wait())
+            await asyncio.wait([ready, task], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                ready.cancel()
+                task.result()  # re-raise the start-up failure
+            assert w.ready.is_set(), f"{w.replica_id} not ready"
+        return w
+
+    async def stop_worker(self, rid: str) -> None:
+        task, stop = self._tasks.pop(rid)
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        self.workers.pop(rid, None)
+
+    async def start_all(self) -> None:
+        for pool, p in self.config.pools.items():
+            for d in p.deployments:
+                for n in range(1, d.replicas + 1):
+                    await self.start_worker(pool, d.name, n)
+        await self.wait_members()
+
+    async def wait_members(self, pool: str | None = None) -> None:
+        for name in [pool] if pool else list(self.config.pools):
+            want = {rid for rid, w in self.workers.items() if w.pool_name == name}
+
+            async def ok() -> bool:
+                await self.client.refresh_membership()
+                return {r.id for r in self.client.router.members(name)} == want
+
+            await wait_until(ok, 10, f"membership of {name} = {sorted(want)}")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop_worker(rid) for rid in list(self._tasks)), return_exceptions=True)
+
+
+@pytest.fixture
+async def make_system(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[System]]]:
+    systems: list[System] = []
+
+    async def factory(config: Config | None = None, start: bool = True, drain_timeout_s: float = 10.0,
+                      **kw: Any) -> System:
+        cfg = config or make_config(**kw)
+        client = AgentPoolClient(settings, cfg)
+        await client.start()
+        system = System(settings, cfg, client, drain_timeout_s=drain_timeout_s)
+        systems.append(system)
+        if start:
+            await system.start_all()
+        return system
+
+    yield factory
+    for s in systems:
+        await s.close()
+        await s.client.aclose()
+        await cleanup_namespace(s.settings, s.config)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, config: Config) -> AsyncIterator[str]:
+    """The real gateway on a free loopback port (uvicorn in this event loop)."""
+    from gateway.server import server
+
+    port = free_port()
+    srv = server(settings, config, "127.0.0.1", port, embedded=True)
+    task = asyncio.create_task(srv.serve())
+    await wait_until(lambda: srv.started or task.done(), 15, "gateway start")
+    if task.done():
+        task.result()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+def subprocess_env(settings: Settings, config_path: Path) -> dict[str, str]:
+    return {**os.environ, "AGENTPOOL_AMQP_URL": settings.amqp_url, "AGENTPOOL_REDIS_URL": settings.redis_url,
+            "AGENTPOOL_NAMESPACE": settings.namespace, "AGENTPOOL_CONFIG": str(config_path),
+            "PYTHONUNBUFFERED": "1"}
+
+
+PYTHON = sys.executable
+__all__ = ["PYTHON", "System", "make_config", "replace", "running_gateway", "subprocess_env", "wait_until"]

@@ -1,0 +1,129 @@
+"""Idempotency-Key: a repeat gets the first answer; another body gets 422; keys are per tenant."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from gateway.idempotency import IDEM_TTL_S
+from tests.api_helpers import h, make_key, receiver, tenant_config
+from tests.conftest import System, running_gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def idem(key: str, api_key: str | None = None) -> dict[str, str]:
+    return {"Idempotency-Key": key, **(h(api_key) if api_key else {})}
+
+
+async def test_a_repeat_returns_the_first_answer_and_runs_once(make_system) -> None:
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        body = {"content": "pay once", "thread_id": "t-idem"}
+        first = await http.post("/v1/ask/pa", json=body, headers=idem("order-42"))
+        assert first.status_code == 200
+        # the same body, keys in another order and other whitespace: the same request
+        again = await http.post(
+            "/v1/ask/pa", content=b'{ "thread_id":"t-idem",  "content":"pay once"}', headers=idem("order-42")
+        )
+        assert again.status_code == 200 and again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        sse = await http.post(
+            "/v1/ask/pa", json=body, headers={**idem("order-42"), "Accept": "text/event-stream"}
+        )
+        assert (
+            sse.headers["content-type"].startswith("text/event-stream")
+            and first.json()["content"] in sse.text
+        )
+        # the thread got one turn (user + assistant), not three
+        assert await system.client.redis.llen(system.client.names.thread("default", "t-idem")) == 2
+        # and the result is kept as long as the key
+        await asyncio.sleep(0.3)
+        ttl = await system.client.redis.ttl(system.client.names.reply(first.json()["request_id"]))
+        assert IDEM_TTL_S - 60 < ttl <= IDEM_TTL_S
+
+
+async def test_concurrent_repeats_share_one_request(make_system) -> None:
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}, tokens_per_s=50))
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        answers = await asyncio.gather(
+            *(http.post("/v1/ask/pa", json={"content": "race"}, headers=idem("same")) for _ in range(4))
+        )
+        assert {r.status_code for r in answers} == {200}
+        assert len({r.json()["request_id"] for r in answers}) == 1
+
+
+async def test_another_body_with_the_same_key_is_a_conflict(make_system) -> None:
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        first = await http.post("/v1/ask/pa", json={"content": "a"}, headers=idem("k1"))
+        r = await http.post("/v1/ask/pa", json={"content": "b"}, headers=idem("k1"))
+        assert r.status_code == 422 and r.json()["error_code"] == "IDEMPOTENCY_CONFLICT"
+        assert r.json()["details"]["request_id"] == first.json()["request_id"]
+        for bad in ("x" * 257, "has space", "tab\there"):
+            r = await http.post("/v1/ask/pa", json={"content": "a"}, headers=idem(bad))
+            assert r.status_code == 400 and r.json()["details"] == {"header": "Idempotency-Key"}, bad
+        assert (
+            await http.post("/v1/ask/pa", json={"content": "a"}, headers=idem("x" * 256))
+        ).status_code == 200
+
+
+async def test_keys_are_per_tenant(make_system) -> None:
+    system: System = await make_system(config=tenant_config())
+    _, ka = await make_key(system, "ta", "ask")
+    _, kb = await make_key(system, "tb", "ask")
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        a = await http.post("/v1/ask/pa", json={"content": "x"}, headers=idem("shared-key", ka))
+        b = await http.post("/v1/ask/pb", json={"content": "x"}, headers=idem("shared-key", kb))
+        assert a.status_code == b.status_code == 200
+        assert a.json()["request_id"] != b.json()["request_id"]
+
+
+async def test_a_webhook_repeat_gets_the_same_202_and_one_delivery(make_system) -> None:
+    extra = '[webhooks]\nallow_hosts = ["127.0.0.1"]\n'
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}, extra=extra))
+    async with (
+        receiver() as rec,
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        body = {"content": "hook once", "webhook_url": rec.url}
+        first = await http.post("/v1/ask/pa", json=body, headers=idem("w1"))
+        again = await http.post("/v1/ask/pa", json=body, headers=idem("w1"))
+        assert first.status_code == again.status_code == 202 and first.json() == again.json()
+        await rec.wait_for(1)
+        await asyncio.sleep(0.5)
+        assert len(rec.deliveries) == 1
+
+
+async def test_a_request_that_was_not_published_releases_its_key(make_system) -> None:
+    # Given a pool whose only replica is full (max_depth 10), so the next request gets 503
+    cfg = tenant_config(pools={"pa": "default"}, tokens_per_s=10)
+    system: System = await make_system(config=cfg)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        busy = [asyncio.create_task(http.post("/v1/ask/pa", json={"content": f"b{i}"})) for i in range(10)]
+        await asyncio.sleep(0.5)
+        r = await http.post("/v1/ask/pa", json={"content": "later"}, headers=idem("retry-me"))
+        assert r.status_code == 503 and r.json()["error_code"] == "POOL_SATURATED"
+        # refused before publishing: the key is free again, and a retry goes through
+        assert not await system.client.redis.exists(system.client.names.idem("default", "retry-me"))
+        await asyncio.gather(*busy)
+        r2 = await http.post("/v1/ask/pa", json={"content": "later"}, headers=idem("retry-me"))
+        assert r2.status_code == 200

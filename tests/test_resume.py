@@ -1,0 +1,67 @@
+"""SSE resume: Last-Event-ID continues a stream on another gateway; GET /v1/requests/{id}."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import System, running_gateway
+from tests.test_gateway import parse_sse
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_resume_on_another_gateway_with_last_event_id(make_system) -> None:
+    system: System = await make_system(replicas=1, tokens_per_s=40, reply_tokens=30)
+    async with (
+        running_gateway(system.settings, system.config) as url_a,
+        running_gateway(system.settings, system.config) as url_b,
+        httpx.AsyncClient(base_url=url_a) as a,
+        httpx.AsyncClient(base_url=url_b) as b,
+    ):
+        seen: list[dict[str, str]] = []
+        async with a.stream("POST", "/v1/ask/p", json={"content": "resume me", "stream": True}) as r:
+            rid = r.headers["x-request-id"]
+            buf = ""
+            async for text in r.aiter_text():
+                buf += text
+                *blocks, buf = buf.split("\n\n")
+                seen += parse_sse("\n\n".join(blocks)) if blocks else []
+                if sum(e.get("event") == "chunk" for e in seen) >= 5:
+                    break  # the connection to gateway A drops
+        last_id = seen[-1]["id"]
+        # Reconnect to gateway B with Last-Event-ID: the stream continues from the next event
+        r2 = await b.get(f"/v1/requests/{rid}", headers={"Accept": "text/event-stream", "Last-Event-ID": last_id})
+        rest = parse_sse(r2.text)
+        assert rest[0]["id"] > last_id or rest[0]["id"] != last_id
+        assert rest[-1]["event"] in ("end", "error")
+        ids = [e["id"] for e in seen + rest]
+        assert len(ids) == len(set(ids))  # nothing delivered twice
+        # (a client that left mid-stream cancels the request; so a resumed stream of a cancelled
+        # request ends with an error event, while the chunks seen + resumed are contiguous)
+        full = await b.get(f"/v1/requests/{rid}", headers={"Accept": "text/event-stream"})
+        all_ids = [e["id"] for e in parse_sse(full.text)]
+        assert all_ids == ids
+
+
+async def test_get_request_returns_result_or_running(make_system) -> None:
+    system: System = await make_system(replicas=1, ttft_ms=1500)
+    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url,
+                                                                                       timeout=20) as http:
+        async with http.stream("POST", "/v1/ask/p", json={"content": "background job", "stream": True}) as r:
+            rid = r.headers["x-request-id"]
+            checked = False
+            async for line in r.aiter_lines():
+                if line.startswith("event: start") and not checked:
+                    # While the agent works on it: 202 running
+                    running = await http.get(f"/v1/requests/{rid}")
+                    assert running.status_code == 202
+                    assert running.json() == {"request_id": rid, "status": "running"}
+                    checked = True
+                if line.startswith("event: end"):
+                    break
+            assert checked
+        # Once done: the answer
+        done = await http.get(f"/v1/requests/{rid}")
+        assert done.status_code == 200
+        assert done.json()["content"].startswith("[0 earlier] Re: background job")
