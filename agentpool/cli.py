@@ -36,15 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one warm replica")
     w.add_argument("--pool", required=True)
     w.add_argument("--deployment", required=True)
-    w.add_argument("--replica", type=_replica_arg, required=True,
-                   help="replica number from 1, or auto: the lowest free slot, through a Redis lease")
+    w.add_argument(
+        "--replica",
+        type=_replica_arg,
+        required=True,
+        help="replica number from 1, or auto: the lowest free slot, through a Redis lease",
+    )
     w.add_argument("--drain-timeout-s", type=float, default=30.0)
     w.add_argument("--metrics-port", type=int, help="serve this replica's /metrics (outside a supervisor)")
 
     ws = sub.add_parser("workers", help="run the supervisor: keep deployments at their desired replicas")
     ws.add_argument("--pool", action="append", help="only these pools (repeatable)")
-    ws.add_argument("--metrics-port", type=int, default=9464,
-                    help="one /metrics endpoint summing every worker (default 9464; 0 = any free port)")
+    ws.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="one /metrics endpoint summing every worker (default 9464; 0 = any free port)",
+    )
 
     f = sub.add_parser("fake-llm", help="run the fake LLM server (OpenAI + Anthropic wire formats)")
     f.add_argument("args", nargs=argparse.REMAINDER, help="see `agentpool fake-llm --help`")
@@ -121,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _how_to_start(service: str) -> str:
     binary = {"RabbitMQ": "rabbitmq-server", "Redis": "redis-server"}[service]
-    local = {"RabbitMQ": "rabbitmq-server -detached",
-             "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'}
+    local = {
+        "RabbitMQ": "rabbitmq-server -detached",
+        "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+    }
     hint = f"start it with `docker compose up -d {service.lower()}`"
     if shutil.which(binary):
         hint += f", or with the local server: `{local[service]}`"
@@ -142,14 +152,18 @@ async def _probe(settings: object) -> list[str]:
         conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
         await conn.close()
     except Exception as e:
-        problems.append(f"RabbitMQ is not reachable at {redact_url(settings.amqp_url)} ({type(e).__name__}: {e}); "
-                        + _how_to_start("RabbitMQ"))
+        problems.append(
+            f"RabbitMQ is not reachable at {redact_url(settings.amqp_url)} ({type(e).__name__}: {e}); "
+            + _how_to_start("RabbitMQ")
+        )
     r = connect(settings.redis_url)
     try:
         await asyncio.wait_for(r.ping(), 5)
     except Exception as e:
-        problems.append(f"Redis is not reachable at {redact_url(settings.redis_url)} ({type(e).__name__}: {e}); "
-                        + _how_to_start("Redis"))
+        problems.append(
+            f"Redis is not reachable at {redact_url(settings.redis_url)} ({type(e).__name__}: {e}); "
+            + _how_to_start("Redis")
+        )
     finally:
         await r.aclose()
     return problems
@@ -167,8 +181,15 @@ def _check(settings: object) -> int:
 def _worker(settings: object, config: object, args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
-    return run_worker(settings, config, args.pool, args.deployment, args.replica,  # type: ignore[arg-type]
-                      drain_timeout_s=args.drain_timeout_s, metrics_port=args.metrics_port)
+    return run_worker(
+        settings,
+        config,
+        args.pool,
+        args.deployment,
+        args.replica,  # type: ignore[arg-type]
+        drain_timeout_s=args.drain_timeout_s,
+        metrics_port=args.metrics_port,
+    )
 
 
 def _workers(settings: object, config: object, pools: list[str] | None, metrics_port: int | None) -> int:
@@ -208,8 +229,11 @@ def _dev(settings: object, config: object, host: str, port: int) -> int:
             print(f"agentpool: {p}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     key = asyncio.run(keys_cmd.dev_key(settings))
-    print("dev API key (tenant default, scopes ask+admin); requests without a key still work:\n"
-          f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'", flush=True)
+    print(
+        "dev API key (tenant default, scopes ask+admin); requests without a key still work:\n"
+        f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'",
+        flush=True,
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

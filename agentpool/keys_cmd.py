@@ -21,8 +21,7 @@ def add_parser(sub: Any) -> None:
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     c = ks.add_parser("create", help="create a key for a tenant and print it once")
     c.add_argument("--tenant", required=True)
-    c.add_argument("--scope", action="append", choices=["ask", "admin"],
-                   help="repeatable; default: ask")
+    c.add_argument("--scope", action="append", choices=["ask", "admin"], help="repeatable; default: ask")
     c.add_argument("--rpm", type=int, help="this key's requests per minute (default: the pools file's)")
     ls = ks.add_parser("list", help="list keys (never the keys themselves)")
     ls.add_argument("--tenant")
@@ -56,7 +55,8 @@ async def _create(settings: Any, config: Any, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         info, key = await _with_store(
-            settings, lambda s: s.create(args.tenant, args.scope or ["ask"], rpm=args.rpm))
+            settings, lambda s: s.create(args.tenant, args.scope or ["ask"], rpm=args.rpm)
+        )
     except BadRequest as e:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -68,8 +68,11 @@ async def _create(settings: Any, config: Any, args: argparse.Namespace) -> int:
 
 async def _list(settings: Any, config: Any, args: argparse.Namespace) -> int:
     keys = await _with_store(settings, lambda s: s.list(args.tenant))
-    keys += [_config_info(i, e) for i, e in enumerate(config.api_keys)
-             if args.tenant is None or e.tenant == args.tenant]
+    keys += [
+        _config_info(i, e)
+        for i, e in enumerate(config.api_keys)
+        if args.tenant is None or e.tenant == args.tenant
+    ]
     print(f"{'ID':<18} {'TENANT':<16} {'SCOPES':<10} {'SOURCE':<7} {'RPM':>7}  CREATED")
     for k in keys:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created_at)) if k.created_at else "-"
@@ -81,14 +84,22 @@ async def _list(settings: Any, config: Any, args: argparse.Namespace) -> int:
 def _config_info(i: int, entry: Any) -> Any:
     from gateway.keys import KeyInfo
 
-    return KeyInfo(id=entry.id or f"config-{i}", tenant=entry.tenant, scopes=list(entry.scopes),
-                   created_at=0.0, source="config", requests_per_minute=entry.requests_per_minute)
+    return KeyInfo(
+        id=entry.id or f"config-{i}",
+        tenant=entry.tenant,
+        scopes=list(entry.scopes),
+        created_at=0.0,
+        source="config",
+        requests_per_minute=entry.requests_per_minute,
+    )
 
 
 async def _revoke(settings: Any, config: Any, args: argparse.Namespace) -> int:
     if not await _with_store(settings, lambda s: s.revoke(args.key_id)):
-        print(f"agentpool: no key {args.key_id!r} in Redis (keys from the pools file are removed there)",
-              file=sys.stderr)
+        print(
+            f"agentpool: no key {args.key_id!r} in Redis (keys from the pools file are removed there)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     print(f"revoked {args.key_id}")
     return EXIT_OK

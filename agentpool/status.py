@@ -24,25 +24,78 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def pools_table(statuses: list[PoolStatus]) -> str:
-    rows = [[s.pool, s.status, d.name, f"{d.ready}/{d.desired}", str(d.configured), str(d.starting),
-             str(d.draining), str(s.requests), str(s.cold_starts)]
-            for s in statuses for d in s.deployments]
-    return table(["POOL", "STATUS", "DEPLOYMENT", "READY/DESIRED", "CONFIGURED", "STARTING", "DRAINING",
-                  "REQUESTS", "COLD STARTS"], rows)
+    rows = [
+        [
+            s.pool,
+            s.status,
+            d.name,
+            f"{d.ready}/{d.desired}",
+            str(d.configured),
+            str(d.starting),
+            str(d.draining),
+            str(s.requests),
+            str(s.cold_starts),
+        ]
+        for s in statuses
+        for d in s.deployments
+    ]
+    return table(
+        [
+            "POOL",
+            "STATUS",
+            "DEPLOYMENT",
+            "READY/DESIRED",
+            "CONFIGURED",
+            "STARTING",
+            "DRAINING",
+            "REQUESTS",
+            "COLD STARTS",
+        ],
+        rows,
+    )
 
 
 def replicas_table(s: PoolStatus, now: float) -> str:
-    rows = [[r.id, r.status, str(r.depth), str(r.in_flight), str(r.processed), str(r.errors),
-             f"{r.avg_latency_ms:.1f}", _ago(r.started_at, now), _ago(r.last_heartbeat, now)]
-            for r in s.replicas]
+    rows = [
+        [
+            r.id,
+            r.status,
+            str(r.depth),
+            str(r.in_flight),
+            str(r.processed),
+            str(r.errors),
+            f"{r.avg_latency_ms:.1f}",
+            _ago(r.started_at, now),
+            _ago(r.last_heartbeat, now),
+        ]
+        for r in s.replicas
+    ]
     head = f"pool {s.pool}: {s.status}" + (" (asleep: idle past its idle_timeout_s)" if s.asleep else "")
-    return head + "\n" + table(["REPLICA", "STATUS", "DEPTH", "IN FLIGHT", "PROCESSED", "ERRORS",
-                                "AVG MS", "STARTED", "HEARTBEAT"], rows)
+    return (
+        head
+        + "\n"
+        + table(
+            [
+                "REPLICA",
+                "STATUS",
+                "DEPTH",
+                "IN FLIGHT",
+                "PROCESSED",
+                "ERRORS",
+                "AVG MS",
+                "STARTED",
+                "HEARTBEAT",
+            ],
+            rows,
+        )
+    )
 
 
 def health_line(h: Health) -> str:
-    return (f"{h.healthy_pools}/{h.total_pools} pools healthy; {h.active_requests} active requests; "
-            f"{h.total_requests} total; avg response {h.avg_response_ms:.1f} ms")
+    return (
+        f"{h.healthy_pools}/{h.total_pools} pools healthy; {h.active_requests} active requests; "
+        f"{h.total_requests} total; avg response {h.avg_response_ms:.1f} ms"
+    )
 
 
 async def render(settings: Settings, config: Config, pool: str | None) -> str:

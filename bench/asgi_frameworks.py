@@ -21,7 +21,6 @@ Usage:
       [--conc 16,64] [--cap 30] [--budget 280] [--no-pin] [--json out.json]
 """
 
-
 import argparse
 import asyncio
 import json
@@ -91,7 +90,9 @@ def build_starlette():
             yield b"event: chunk\ndata: " + _enc.encode(Chunk(i=i, delta="tok")) + b"\n\n"
 
     async def stream(request: Request) -> StreamingResponse:
-        return StreamingResponse(sse_gen(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return StreamingResponse(
+            sse_gen(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+        )
 
     return Starlette(
         routes=[
@@ -137,8 +138,15 @@ def serve(framework: str, cpu: int | None) -> None:
     sock.bind(("127.0.0.1", 0))  # free port chosen by the kernel, no race
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-        workers=1, access_log=False, log_level="warning", lifespan="auto",
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        workers=1,
+        access_log=False,
+        log_level="warning",
+        lifespan="auto",
     )
     print(f"PORT {port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
@@ -198,8 +206,13 @@ async def _load(url: str, kind: str, conc: int, n: int, cap: float) -> dict:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
 
     return {
-        "ok": len(lat), "errors": errors, "wall": wall, "rps": len(lat) / wall if wall else 0.0,
-        "p50_ms": pct(0.50), "p99_ms": pct(0.99), "client_cpu_pct": 100 * cli_cpu / wall if wall else 0.0,
+        "ok": len(lat),
+        "errors": errors,
+        "wall": wall,
+        "rps": len(lat) / wall if wall else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "client_cpu_pct": 100 * cli_cpu / wall if wall else 0.0,
         "timed_out": wall >= cap,
     }
 
@@ -222,7 +235,7 @@ def load_main(url: str, kind: str, conc: int, n: int, cap: float, cpu: int | Non
 def proc_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
-    fields = data[data.rindex(")") + 2:].split()  # skip "pid (comm) "
+    fields = data[data.rindex(")") + 2 :].split()  # skip "pid (comm) "
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
@@ -278,8 +291,16 @@ def run_load(port: int, kind: str, conc: int, n: int, cap: float, cpu: int | Non
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap + 20)
     except subprocess.TimeoutExpired:
-        return {"ok": 0, "errors": n, "wall": cap, "rps": 0.0, "p50_ms": float("nan"),
-                "p99_ms": float("nan"), "client_cpu_pct": 0.0, "timed_out": True}
+        return {
+            "ok": 0,
+            "errors": n,
+            "wall": cap,
+            "rps": 0.0,
+            "p50_ms": float("nan"),
+            "p99_ms": float("nan"),
+            "client_cpu_pct": 0.0,
+            "timed_out": True,
+        }
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -309,9 +330,13 @@ def main() -> None:
     import aiohttp
     import starlette
     import uvicorn
-    print(f"python {sys.version.split()[0]} | starlette {starlette.__version__} | litestar {version('litestar')} | "
-          f"uvicorn {uvicorn.__version__} | msgspec {msgspec.__version__} | aiohttp {aiohttp.__version__} | "
-          f"cpus {ncpu} | pinned {pin} | {a.requests} req/run, cap {a.cap}s, {a.runs} runs", flush=True)
+
+    print(
+        f"python {sys.version.split()[0]} | starlette {starlette.__version__} | litestar {version('litestar')} | "
+        f"uvicorn {uvicorn.__version__} | msgspec {msgspec.__version__} | aiohttp {aiohttp.__version__} | "
+        f"cpus {ncpu} | pinned {pin} | {a.requests} req/run, cap {a.cap}s, {a.runs} runs",
+        flush=True,
+    )
 
     t_start = time.monotonic()
     servers = Servers()
@@ -344,9 +369,12 @@ def main() -> None:
                         r["srv_cpu_per_1k"] = 1000 * (c1 - c0) / r["ok"] if r["ok"] else float("nan")
                         r["srv_cpu_pct"] = 100 * (c1 - c0) / r["wall"] if r["wall"] else 0.0
                         results.setdefault((fw, kind, conc), []).append(r)
-                        print(f"  run {rep + 1} {fw:9s} {kind:4s} c={conc:<3d} {r['rps']:8.0f} req/s "
-                              f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms  err {r['errors']}"
-                              f"{'  TIMED-OUT' if r['timed_out'] else ''}", flush=True)
+                        print(
+                            f"  run {rep + 1} {fw:9s} {kind:4s} c={conc:<3d} {r['rps']:8.0f} req/s "
+                            f"p50 {r['p50_ms']:6.2f} p99 {r['p99_ms']:6.2f} ms  err {r['errors']}"
+                            f"{'  TIMED-OUT' if r['timed_out'] else ''}",
+                            flush=True,
+                        )
     except StopIteration:
         pass
     finally:
@@ -354,7 +382,9 @@ def main() -> None:
 
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     print()
-    print("| endpoint | conc | framework | req/s | p50 ms | p99 ms | srv CPU s/1k req | srv CPU% | client CPU% | errors | n |")
+    print(
+        "| endpoint | conc | framework | req/s | p50 ms | p99 ms | srv CPU s/1k req | srv CPU% | client CPU% | errors | n |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for kind in kinds:
@@ -363,12 +393,17 @@ def main() -> None:
                 rs = results.get((fw, kind, conc))
                 if not rs:
                     continue
-                s = {k: med(rs, k) for k in ("rps", "p50_ms", "p99_ms", "srv_cpu_per_1k", "srv_cpu_pct", "client_cpu_pct")}
+                s = {
+                    k: med(rs, k)
+                    for k in ("rps", "p50_ms", "p99_ms", "srv_cpu_per_1k", "srv_cpu_pct", "client_cpu_pct")
+                }
                 s["errors"] = sum(r["errors"] for r in rs)
                 s["n"] = len(rs)
                 summary[(fw, kind, conc)] = s
-                print(f"| {kind} | {conc} | {fw} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-                      f"{s['srv_cpu_per_1k']:.3f} | {s['srv_cpu_pct']:.0f} | {s['client_cpu_pct']:.0f} | {s['errors']} | {s['n']} |")
+                print(
+                    f"| {kind} | {conc} | {fw} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+                    f"{s['srv_cpu_per_1k']:.3f} | {s['srv_cpu_pct']:.0f} | {s['client_cpu_pct']:.0f} | {s['errors']} | {s['n']} |"
+                )
     print()
     print("Litestar / Starlette (same invocation; >1 = Litestar higher)")
     print("| endpoint | conc | req/s | p50 | p99 | CPU/1k req |")
@@ -377,8 +412,10 @@ def main() -> None:
         for conc in concs:
             s, l = summary.get(("starlette", kind, conc)), summary.get(("litestar", kind, conc))
             if s and l:
-                print(f"| {kind} | {conc} | {l['rps'] / s['rps']:.2f} | {l['p50_ms'] / s['p50_ms']:.2f} | "
-                      f"{l['p99_ms'] / s['p99_ms']:.2f} | {l['srv_cpu_per_1k'] / s['srv_cpu_per_1k']:.2f} |")
+                print(
+                    f"| {kind} | {conc} | {l['rps'] / s['rps']:.2f} | {l['p50_ms'] / s['p50_ms']:.2f} | "
+                    f"{l['p99_ms'] / s['p99_ms']:.2f} | {l['srv_cpu_per_1k'] / s['srv_cpu_per_1k']:.2f} |"
+                )
     print(f"\ntotal wall {time.monotonic() - t_start:.0f}s")
     if a.json:
         with open(a.json, "w") as f:

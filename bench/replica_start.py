@@ -86,8 +86,18 @@ async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ign
 async def one_replica(client, env: dict[str, str], kind: str, n: int, requests: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentpool", "worker", "--pool", kind, "--deployment", "d", "--replica", str(n),
-        env=env)
+        sys.executable,
+        "-m",
+        "agentpool",
+        "worker",
+        "--pool",
+        kind,
+        "--deployment",
+        "d",
+        "--replica",
+        str(n),
+        env=env,
+    )
     rid = f"{kind}-d-{n}"
     info = {}
 
@@ -123,12 +133,29 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     port = free_port()
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
     cfg.write_text(CONFIG.format(port=port, sections="".join(SECTION.format(kind=k) for k in args.kinds)))
-    env = {**os.environ, "AGENTPOOL_NAMESPACE": "bench" + secrets.token_hex(3), "AGENTPOOL_CONFIG": str(cfg),
-           "AGENTPOOL_LOG_LEVEL": "WARNING", "FAKE_LLM_API_KEY": "sk-bench"}
+    env = {
+        **os.environ,
+        "AGENTPOOL_NAMESPACE": "bench" + secrets.token_hex(3),
+        "AGENTPOOL_CONFIG": str(cfg),
+        "AGENTPOOL_LOG_LEVEL": "WARNING",
+        "FAKE_LLM_API_KEY": "sk-bench",
+    }
     fake = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "workers.fake_llm", "--host", "127.0.0.1", "--port", str(port),
-        "--ttft-ms", "0", "--tokens-per-s", "0", env=env, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "workers.fake_llm",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ttft-ms",
+        "0",
+        "--tokens-per-s",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     settings = Settings.from_env(env)
     config = load_config(cfg)
     out: dict[str, dict[str, float]] = {}
@@ -136,8 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         await _wait_port(port)
         async with AgentPoolClient(settings, config) as client:
             for kind in args.kinds:
-                runs = [await one_replica(client, env, kind, n, args.requests)
-                        for n in range(1, args.runs + 1)]
+                runs = [
+                    await one_replica(client, env, kind, n, args.requests) for n in range(1, args.runs + 1)
+                ]
                 out[kind] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 out[kind]["spawn_max_ms"] = max(r["spawn_ms"] for r in runs)
                 print(f"{kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[kind].items()), flush=True)

@@ -82,8 +82,11 @@ def http_one(session, url: str):
     async def one(i: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         first = 0.0
-        async with session.post(url, data=b'{"content":"bench ' + str(i).encode() + b'","stream":true}',
-                                headers={"content-type": "application/json"}) as r:
+        async with session.post(
+            url,
+            data=b'{"content":"bench ' + str(i).encode() + b'","stream":true}',
+            headers={"content-type": "application/json"},
+        ) as r:
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
             async for line in r.content:
@@ -137,18 +140,44 @@ async def measure(args, env: dict[str, str], port: int, conc: int) -> dict[str, 
             res, el = await closed_loop(conc, args.n, args.seconds, one)
     first = [r[0] * 1000 for r in res]
     last = [r[1] * 1000 for r in res]
-    return {"conc": conc, "n": len(res), "rps": len(res) / el, "first_p50": pct(first, 50),
-            "first_p99": pct(first, 99), "last_p50": pct(last, 50), "last_p99": pct(last, 99)}
+    return {
+        "conc": conc,
+        "n": len(res),
+        "rps": len(res) / el,
+        "first_p50": pct(first, 50),
+        "first_p99": pct(first, 99),
+        "last_p50": pct(last, 50),
+        "last_p99": pct(last, 99),
+    }
 
 
 def start_system(args, env: dict[str, str], port: int) -> list[subprocess.Popen]:
     procs = []
     for n in range(1, args.replicas + 1):
-        procs.append(subprocess.Popen([sys.executable, "-m", "agentpool", "worker", "--pool", "bench",
-                                       "--deployment", "d", "--replica", str(n)], env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agentpool",
+                    "worker",
+                    "--pool",
+                    "bench",
+                    "--deployment",
+                    "d",
+                    "--replica",
+                    str(n),
+                ],
+                env=env,
+            )
+        )
     if args.via == "http":
-        procs.append(subprocess.Popen([sys.executable, "-m", "agentpool", "gateway", "--host", "127.0.0.1",
-                                       "--port", str(port)], env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "agentpool", "gateway", "--host", "127.0.0.1", "--port", str(port)],
+                env=env,
+            )
+        )
     return procs
 
 
@@ -198,12 +227,19 @@ def run_once(args, conc: int) -> dict[str, float]:
 
     ns = "bench" + secrets.token_hex(3)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
-    cfg.write_text(CONFIG.format(ttft_ms=args.ttft_ms, concurrency=args.worker_concurrency, replicas=args.replicas))
+    cfg.write_text(
+        CONFIG.format(ttft_ms=args.ttft_ms, concurrency=args.worker_concurrency, replicas=args.replicas)
+    )
     port = 18000 + secrets.randbelow(2000)
-    env = {**os.environ, "AGENTPOOL_NAMESPACE": ns, "AGENTPOOL_CONFIG": str(cfg),
-           "AGENTPOOL_AMQP_URL": os.environ.get("AGENTPOOL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-           "AGENTPOOL_REDIS_URL": os.environ.get("AGENTPOOL_REDIS_URL", "redis://127.0.0.1:6379/0"),
-           "AGENTPOOL_LOG_LEVEL": "WARNING", "AGENTPOOL_METRICS": os.environ.get("AGENTPOOL_METRICS", "1")}
+    env = {
+        **os.environ,
+        "AGENTPOOL_NAMESPACE": ns,
+        "AGENTPOOL_CONFIG": str(cfg),
+        "AGENTPOOL_AMQP_URL": os.environ.get("AGENTPOOL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        "AGENTPOOL_REDIS_URL": os.environ.get("AGENTPOOL_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "AGENTPOOL_LOG_LEVEL": "WARNING",
+        "AGENTPOOL_METRICS": os.environ.get("AGENTPOOL_METRICS", "1"),
+    }
     procs = start_system(args, env, port)
     try:
         uvloop.run(wait_ready(env, port, args))
@@ -222,15 +258,21 @@ def run_once(args, conc: int) -> dict[str, float]:
 def run_floor(concs: list[int], repeat: int) -> dict[int, dict[str, float]]:
     floor = ROOT.parent / "shared" / "bench" / "floor.py"
     out = Path(tempfile.mkdtemp()) / "floor.json"
-    subprocess.run([sys.executable, str(floor), "--only", "c", "--repeat", str(repeat), "--json", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, timeout=1800)
+    subprocess.run(
+        [sys.executable, str(floor), "--only", "c", "--repeat", str(repeat), "--json", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=1800,
+    )
     runs = json.loads(out.read_text())["runs"]
     found: dict[int, dict[str, float]] = {}
     for c in concs:
         ok = [r for r in runs.get(f"c_c{c}", []) if "rps" in r]
         if ok:
-            found[c] = {k: statistics.median(r[k] for r in ok) for k in ("rps", "first_p50", "first_p99",
-                                                                          "last_p50", "last_p99")}
+            found[c] = {
+                k: statistics.median(r[k] for r in ok)
+                for k in ("rps", "first_p50", "first_p99", "last_p50", "last_p99")
+            }
     return found
 
 
@@ -256,17 +298,29 @@ def main() -> None:
         rows.append(med)
         print(f"[{args.via}] c={conc}: " + json.dumps({k: round(v, 2) for k, v in med.items()}), flush=True)
     floor = run_floor(args.conc, args.repeat) if args.floor else {}
-    print(f"\nagentpool via {args.via}, fake model ttft={args.ttft_ms} ms, {args.replicas} replica(s), "
-          f"medians of {args.repeat} runs")
-    print("| in flight | req/s | first chunk p50 / p99 ms | last event p50 / p99 ms | floor req/s | ratio req/s "
-          "| ratio first p50 | ratio last p50 |")
+    print(
+        f"\nagentpool via {args.via}, fake model ttft={args.ttft_ms} ms, {args.replicas} replica(s), "
+        f"medians of {args.repeat} runs"
+    )
+    print(
+        "| in flight | req/s | first chunk p50 / p99 ms | last event p50 / p99 ms | floor req/s | ratio req/s "
+        "| ratio first p50 | ratio last p50 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = floor.get(int(r["conc"]))
-        ratios = (f"{f['rps']:.0f} | {r['rps'] / f['rps']:.2f}x | {r['first_p50'] / f['first_p50']:.2f}x | "
-                  f"{r['last_p50'] / f['last_p50']:.2f}x") if f else "- | - | - | -"
-        print(f"| {int(r['conc'])} | {r['rps']:.0f} | {r['first_p50']:.2f} / {r['first_p99']:.2f} | "
-              f"{r['last_p50']:.2f} / {r['last_p99']:.2f} | {ratios} |")
+        ratios = (
+            (
+                f"{f['rps']:.0f} | {r['rps'] / f['rps']:.2f}x | {r['first_p50'] / f['first_p50']:.2f}x | "
+                f"{r['last_p50'] / f['last_p50']:.2f}x"
+            )
+            if f
+            else "- | - | - | -"
+        )
+        print(
+            f"| {int(r['conc'])} | {r['rps']:.0f} | {r['first_p50']:.2f} / {r['first_p99']:.2f} | "
+            f"{r['last_p50']:.2f} / {r['last_p99']:.2f} | {ratios} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "floor": floor, "args": vars(args)}, indent=2))
 

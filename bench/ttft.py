@@ -61,8 +61,11 @@ async def direct(llm_port: int, conc: int, n: int) -> list[float]:
         t0 = time.perf_counter()
         first = 0.0
         stream = await client.chat.completions.create(
-            model="gpt-fake", stream=True, max_completion_tokens=64,
-            messages=[{"role": "system", "content": "bench"}, {"role": "user", "content": f"bench {i}"}])
+            model="gpt-fake",
+            stream=True,
+            max_completion_tokens=64,
+            messages=[{"role": "system", "content": "bench"}, {"role": "user", "content": f"bench {i}"}],
+        )
         async for chunk in stream:
             if not first and chunk.choices and chunk.choices[0].delta.content:
                 first = time.perf_counter()
@@ -110,25 +113,57 @@ def run_once(args: argparse.Namespace, conc: int) -> dict[str, float]:
     ns = "bttft" + secrets.token_hex(3)
     llm_port, port = 19100 + secrets.randbelow(500), 19700 + secrets.randbelow(500)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
-    cfg.write_text(CONFIG.format(llm_port=llm_port, concurrency=args.worker_concurrency, replicas=args.replicas))
-    env = {**os.environ, "AGENTPOOL_NAMESPACE": ns, "AGENTPOOL_CONFIG": str(cfg), "FAKE_LLM_API_KEY": "sk-bench",
-           "AGENTPOOL_LOG_LEVEL": "WARNING"}
+    cfg.write_text(
+        CONFIG.format(llm_port=llm_port, concurrency=args.worker_concurrency, replicas=args.replicas)
+    )
+    env = {
+        **os.environ,
+        "AGENTPOOL_NAMESPACE": ns,
+        "AGENTPOOL_CONFIG": str(cfg),
+        "FAKE_LLM_API_KEY": "sk-bench",
+        "AGENTPOOL_LOG_LEVEL": "WARNING",
+    }
     py = [sys.executable, "-m", "agentpool"]
-    procs = [subprocess.Popen([*py, "fake-llm", "--port", str(llm_port), "--ttft-ms", str(args.ttft_ms),
-                               "--tokens-per-s", "0", "--reply-tokens", "20"], env=env)]
-    procs += [subprocess.Popen([*py, "worker", "--pool", "bench", "--deployment", "d", "--replica", str(n)], env=env)
-              for n in range(1, args.replicas + 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                *py,
+                "fake-llm",
+                "--port",
+                str(llm_port),
+                "--ttft-ms",
+                str(args.ttft_ms),
+                "--tokens-per-s",
+                "0",
+                "--reply-tokens",
+                "20",
+            ],
+            env=env,
+        )
+    ]
+    procs += [
+        subprocess.Popen(
+            [*py, "worker", "--pool", "bench", "--deployment", "d", "--replica", str(n)], env=env
+        )
+        for n in range(1, args.replicas + 1)
+    ]
     procs.append(subprocess.Popen([*py, "gateway", "--host", "127.0.0.1", "--port", str(port)], env=env))
     try:
+
         async def go() -> dict[str, float]:
             await wait_http(f"http://127.0.0.1:{llm_port}/v1/models")
             await wait_http(f"http://127.0.0.1:{port}/readyz")
             await asyncio.sleep(2.0)  # replicas warm and in the gateway's membership
             d = await direct(llm_port, conc, args.n)
             t = await through(port, conc, args.n)
-            return {"direct_p50": pct(d, 50), "direct_p99": pct(d, 99), "system_p50": pct(t, 50),
-                    "system_p99": pct(t, 99), "overhead_p50": pct(t, 50) - pct(d, 50),
-                    "overhead_p99": pct(t, 99) - pct(d, 99)}
+            return {
+                "direct_p50": pct(d, 50),
+                "direct_p99": pct(d, 99),
+                "system_p50": pct(t, 50),
+                "system_p99": pct(t, 99),
+                "overhead_p50": pct(t, 50) - pct(d, 50),
+                "overhead_p99": pct(t, 99) - pct(d, 99),
+            }
 
         return uvloop.run(go())
     finally:
@@ -157,8 +192,11 @@ def main() -> None:
     for conc in args.conc:
         runs = [run_once(args, conc) for _ in range(args.repeat)]
         m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"| {conc} | {m['direct_p50']:.1f} / {m['direct_p99']:.1f} | {m['system_p50']:.1f} / "
-              f"{m['system_p99']:.1f} | {m['overhead_p50']:.1f} / {m['overhead_p99']:.1f} |", flush=True)
+        print(
+            f"| {conc} | {m['direct_p50']:.1f} / {m['direct_p99']:.1f} | {m['system_p50']:.1f} / "
+            f"{m['system_p99']:.1f} | {m['overhead_p50']:.1f} / {m['overhead_p99']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ class Amqp:
             message_id=message_id,
             headers=headers,
             content_type="application/msgpack",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            if persistent
+            else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
             await channel.default_exchange.publish(

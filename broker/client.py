@@ -227,8 +227,10 @@ class AgentPoolClient:
             req.replica, req.tier = replica, tier
             try:
                 await self.amqp.publish(
-                    self.names.replica_queue(replica), REQUEST_ENCODER.encode(req),
-                    message_id=req.request_id, headers=headers,
+                    self.names.replica_queue(replica),
+                    REQUEST_ENCODER.encode(req),
+                    message_id=req.request_id,
+                    headers=headers,
                 )
             except QueueFull:
                 continue
@@ -248,8 +250,10 @@ class AgentPoolClient:
         # (or wakes) consumes it. It still ends by QUEUE_TIMEOUT if none comes in time.
         req.replica, req.tier = "", "queued"
         await self.amqp.publish(
-            self.names.pool_queue(req.pool), REQUEST_ENCODER.encode(req),
-            message_id=req.request_id, headers=headers,
+            self.names.pool_queue(req.pool),
+            REQUEST_ENCODER.encode(req),
+            message_id=req.request_id,
+            headers=headers,
         )
         metrics.routed(req.pool, "queued")
         self.activity.seen(req.pool)
@@ -340,5 +344,7 @@ class AgentPoolClient:
                 return msgspec.json.decode(data, type=End)
             if kind == b"error":
                 err = msgspec.json.decode(data, type=Error)
-                raise RequestFailed(err.error, error_code=err.error_code, details={"request_id": err.request_id})
+                raise RequestFailed(
+                    err.error, error_code=err.error_code, details={"request_id": err.request_id}
+                )
         raise AgentPoolError("reply stream ended without a final event")

@@ -114,9 +114,15 @@ class Fleet:
         now = now or time.time()
         last_at = float(last) if last is not None else None
         return PoolSnapshot(
-            name=pool, config=cfg, base=base, last_request_at=last_at,
-            restart_generation=int(gen or 0), requests=int(requests or 0), cold_starts=int(cold or 0),
-            replicas=await self.registry.replicas(pool), now=now,
+            name=pool,
+            config=cfg,
+            base=base,
+            last_request_at=last_at,
+            restart_generation=int(gen or 0),
+            requests=int(requests or 0),
+            cold_starts=int(cold or 0),
+            replicas=await self.registry.replicas(pool),
+            now=now,
         )
 
     async def status(self, pool: str) -> PoolStatus:
@@ -147,16 +153,23 @@ class PoolSnapshot(msgspec.Struct, kw_only=True):
     def status(self) -> PoolStatus:
         deps = [self._deployment(d.name) for d in self.config.deployments]
         return PoolStatus(
-            pool=self.name, status=_health(deps, self.asleep), asleep=self.asleep,
-            last_request_at=self.last_request_at, requests=self.requests, cold_starts=self.cold_starts,
-            restart_generation=self.restart_generation, deployments=deps,
+            pool=self.name,
+            status=_health(deps, self.asleep),
+            asleep=self.asleep,
+            last_request_at=self.last_request_at,
+            requests=self.requests,
+            cold_starts=self.cold_starts,
+            restart_generation=self.restart_generation,
+            deployments=deps,
             replicas=[ReplicaView.of(r) for r in self.replicas],
         )
 
     def _deployment(self, name: str) -> DeploymentStatus:
         mine = [r for r in self.replicas if r.deployment == name]
         return DeploymentStatus(
-            name=name, desired=self.desired(name), configured=self.base[name],
+            name=name,
+            desired=self.desired(name),
+            configured=self.base[name],
             ready=sum(r.status == "ready" for r in mine),
             starting=sum(r.status == "starting" for r in mine),
             draining=sum(r.status == "draining" for r in mine),
@@ -201,9 +214,18 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     @classmethod
     def of(cls, r: ReplicaInfo) -> ReplicaView:
         return cls(
-            id=r.id, deployment=r.deployment, status=r.status, depth=r.depth, in_flight=r.in_flight,
-            processed=r.processed, errors=r.errors, avg_latency_ms=r.avg_latency_ms,
-            started_at=r.started_at, last_heartbeat=r.heartbeat_at, pid=r.pid, host=r.host,
+            id=r.id,
+            deployment=r.deployment,
+            status=r.status,
+            depth=r.depth,
+            in_flight=r.in_flight,
+            processed=r.processed,
+            errors=r.errors,
+            avg_latency_ms=r.avg_latency_ms,
+            started_at=r.started_at,
+            last_heartbeat=r.heartbeat_at,
+            pid=r.pid,
+            host=r.host,
         )
 
 
@@ -234,8 +256,11 @@ class Health(msgspec.Struct, kw_only=True):
         avg = sum(r.avg_latency_ms * r.processed for r in replicas) / served if served else 0.0
         ok = sum(p.status in ("healthy", "idle") for p in pools)
         return cls(
-            status="ok" if ok == len(pools) else "degraded", total_pools=len(pools), healthy_pools=ok,
-            active_requests=sum(r.depth for r in replicas), total_requests=sum(p.requests for p in pools),
+            status="ok" if ok == len(pools) else "degraded",
+            total_pools=len(pools),
+            healthy_pools=ok,
+            active_requests=sum(r.depth for r in replicas),
+            total_requests=sum(p.requests for p in pools),
             avg_response_ms=round(avg, 3),
         )
 

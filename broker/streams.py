@@ -97,10 +97,23 @@ class ReplyStore:
         """-> (status, attempt, history). status > 0 is the attempt number; else a BEGIN_* code."""
         n = self.names
         res = await self._begin(
-            keys=[n.done(request_id), n.cancel(request_id), n.attempts(request_id),
-                  n.reply(request_id), thread_key],
-            args=[request_id, agent_id, round(queue_wait_ms, 3), history_entries, REPLY_TTL_S,
-                  max_attempts, "1" if redelivered else "0", traceparent or ""],
+            keys=[
+                n.done(request_id),
+                n.cancel(request_id),
+                n.attempts(request_id),
+                n.reply(request_id),
+                thread_key,
+            ],
+            args=[
+                request_id,
+                agent_id,
+                round(queue_wait_ms, 3),
+                history_entries,
+                REPLY_TTL_S,
+                max_attempts,
+                "1" if redelivered else "0",
+                traceparent or "",
+            ],
         )
         status = int(res[0])
         if status == BEGIN_EXHAUSTED:
@@ -118,16 +131,21 @@ class ReplyStore:
             _, cancelled = await p.execute()
         return bool(cancelled)
 
-    async def finish(
-        self, event: End | Error, *, thread_key: str = "", turns: Sequence[bytes] = ()
-    ) -> bool:
+    async def finish(self, event: End | Error, *, thread_key: str = "", turns: Sequence[bytes] = ()) -> bool:
         """Write the final event (and thread turns) unless one was written already."""
         n = self.names
         kind = "end" if isinstance(event, End) else "error"
         res = await self._finish(
             keys=[n.done(event.request_id), n.reply(event.request_id), thread_key or n.done("-")],
-            args=[kind, EVENT_ENCODER.encode(event), DONE_TTL_S, REPLY_TTL_AFTER_END_S,
-                  THREAD_TTL_S, THREAD_MAX_ENTRIES, *turns],
+            args=[
+                kind,
+                EVENT_ENCODER.encode(event),
+                DONE_TTL_S,
+                REPLY_TTL_AFTER_END_S,
+                THREAD_TTL_S,
+                THREAD_MAX_ENTRIES,
+                *turns,
+            ],
         )
         return bool(res)
 

@@ -55,7 +55,8 @@ def tenant_pool(template: str, tenant: str) -> str:
     if not TENANT.match(tenant):
         raise BadRequest(
             "tenant must be 1-63 characters of a-z 0-9 _ -, starting with a letter or digit",
-            error_code="VALIDATION_ERROR", details={"field": "tenant"},
+            error_code="VALIDATION_ERROR",
+            details={"field": "tenant"},
         )
     return f"{template}{SEP}{tenant}"
 
@@ -122,7 +123,9 @@ class TenantPools:
         if int(res[0]) == 0:
             raise Unavailable(
                 f"pool limit reached: {cap} pools run and none of the per-tenant ones is idle",
-                error_code="POOL_LIMIT", retry_after_s=30, details={"max_total_pools": cap, "pool": name},
+                error_code="POOL_LIMIT",
+                retry_after_s=30,
+                details={"max_total_pools": cap, "pool": name},
             )
         return int(res[0]) >= 2
 

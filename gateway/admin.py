@@ -80,8 +80,11 @@ async def scale(request: Request, fleet: Fleet, tenant: str) -> Response:
     deployment = request.path_params["deployment"]
     cfg = fleet.pool_config(pool)
     if cfg is None or deployment not in {d.name for d in cfg.deployments}:
-        raise NotFound(f"pool {pool!r} has no deployment {deployment!r}", error_code="DEPLOYMENT_NOT_FOUND",
-                       details={"pool": pool, "deployment": deployment})
+        raise NotFound(
+            f"pool {pool!r} has no deployment {deployment!r}",
+            error_code="DEPLOYMENT_NOT_FOUND",
+            details={"pool": pool, "deployment": deployment},
+        )
     body = decode(await read_body(request, MAX_ADMIN_BODY_BYTES), ScaleBody)
     await fleet.set_desired(pool, deployment, body.replicas)
     return JSON({"pool": pool, "deployment": deployment, "replicas": body.replicas})

@@ -74,8 +74,11 @@ async def _rate_limit(request: Request, principal: Principal, name: str, pool: P
     headers = verdict.headers() if verdict is not None else {}
     request.state.rate_headers = headers  # the error handler adds them to error answers too
     if verdict is not None and not verdict.allowed:
-        raise RateLimited(f"rate limit of {verdict.limit} requests per minute exceeded",
-                          retry_after_s=verdict.retry_after_s, details={"limit_per_minute": verdict.limit})
+        raise RateLimited(
+            f"rate limit of {verdict.limit} requests per minute exceeded",
+            retry_after_s=verdict.retry_after_s,
+            details={"limit_per_minute": verdict.limit},
+        )
     return headers
 
 
@@ -83,11 +86,17 @@ def check_body(body: AskBody) -> None:
     """Limits msgspec cannot express on one field."""
     total = sum(len(k) + len(v) for k, v in body.context_variables.items())
     if total > MAX_CONTEXT_CHARS:
-        raise BadRequest(f"context_variables hold {total} characters; at most {MAX_CONTEXT_CHARS}",
-                         error_code="VALIDATION_ERROR", details={"field": "context_variables"})
+        raise BadRequest(
+            f"context_variables hold {total} characters; at most {MAX_CONTEXT_CHARS}",
+            error_code="VALIDATION_ERROR",
+            details={"field": "context_variables"},
+        )
     if body.webhook_url is not None and body.stream:
-        raise BadRequest("webhook_url and stream cannot be combined: a webhook request answers 202",
-                         error_code="VALIDATION_ERROR", details={"field": "stream"})
+        raise BadRequest(
+            "webhook_url and stream cannot be combined: a webhook request answers 202",
+            error_code="VALIDATION_ERROR",
+            details={"field": "stream"},
+        )
 
 
 async def start(request: Request, a: Admitted) -> Started:
@@ -97,19 +106,35 @@ async def start(request: Request, a: Admitted) -> Started:
     idem: Idempotency = request.app.state.idempotency
     with translated(client.settings.redis_url):
         if a.idem_key is not None:
-            claim = Claim(request_id=rid, thread_id=tid, fingerprint=fingerprint(a.pool_name, a.body),
-                          start_by=start_by, webhook=a.body.webhook_url is not None)
+            claim = Claim(
+                request_id=rid,
+                thread_id=tid,
+                fingerprint=fingerprint(a.pool_name, a.body),
+                start_by=start_by,
+                webhook=a.body.webhook_url is not None,
+            )
             first = await idem.claim(a.principal.tenant, a.idem_key, claim)
             if first is not None:
                 return await _replay(client, a, first)
         await client.redis.set(client.names.owner(rid), a.principal.tenant, ex=REPLY_TTL_S)
         if a.body.webhook_url is not None:
-            await _deliverer(request).schedule(rid, url=a.body.webhook_url, tenant=a.principal.tenant,
-                                               pool=a.pool_name, thread_id=tid, start_by=start_by)
+            await _deliverer(request).schedule(
+                rid,
+                url=a.body.webhook_url,
+                tenant=a.principal.tenant,
+                pool=a.pool_name,
+                thread_id=tid,
+                start_by=start_by,
+            )
     try:
         sub, ticket = await client.submit_subscribed(
-            a.pool_name, a.body.content, request_id=rid, thread_id=tid, tenant=a.principal.tenant,
-            max_wait_s=a.body.max_wait_s, context_variables=a.body.context_variables,
+            a.pool_name,
+            a.body.content,
+            request_id=rid,
+            thread_id=tid,
+            tenant=a.principal.tenant,
+            max_wait_s=a.body.max_wait_s,
+            context_variables=a.body.context_variables,
             traceparent=request.headers.get("traceparent"),
         )
     except BaseException:
@@ -148,8 +173,9 @@ def _follow_up(request: Request, a: Admitted, ticket: Ticket, sub: Subscription)
     bg.spawn(_follow(client, watch_ticket, watch_sub, after), name=f"follow-{rid}")
 
 
-async def _follow(client: AgentPoolClient, ticket: Ticket, sub: Subscription,
-                  after: list[Callable[[], Awaitable[None]]]) -> None:
+async def _follow(
+    client: AgentPoolClient, ticket: Ticket, sub: Subscription, after: list[Callable[[], Awaitable[None]]]
+) -> None:
     async for _entry in client.stream_raw(ticket, sub=sub):
         pass  # stream_raw ends after the final event (writing QUEUE_TIMEOUT itself if due)
     for step in after:
@@ -165,8 +191,11 @@ async def _replay(client: AgentPoolClient, a: Admitted, first: Claim) -> Started
     if await client.redis.exists(client.names.reply(rid)):
         ticket.start_by = None  # it started (or ended): no queue deadline to enforce here
     elif time.time() > first.start_by + 1:
-        raise NotFound(f"the result of request {rid!r} (this Idempotency-Key's first) has expired",
-                       error_code="REQUEST_NOT_FOUND", details={"request_id": rid})
+        raise NotFound(
+            f"the result of request {rid!r} (this Idempotency-Key's first) has expired",
+            error_code="REQUEST_NOT_FOUND",
+            details={"request_id": rid},
+        )
     return Started(ticket, client.reader.subscribe(client.names.reply(rid)), replay=True)
 
 

@@ -59,6 +59,8 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         err: AgentPoolError = NotFound(f"no route {request.method} {request.url.path}")
     else:
-        err = BadRequest(str(exc.detail), error_code="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST")
+        err = BadRequest(
+            str(exc.detail), error_code="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST"
+        )
         err.status = exc.status_code
     return error_response(err)

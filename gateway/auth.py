@@ -90,9 +90,17 @@ class Authenticator:
         self._checked_at = -MODE_CACHE_S
 
     def config_infos(self) -> list[KeyInfo]:
-        return [KeyInfo(id=p.key_id or "", tenant=p.tenant, scopes=sorted(p.scopes), created_at=0.0,
-                        source="config", requests_per_minute=p.requests_per_minute)
-                for _, p in self.config_keys]
+        return [
+            KeyInfo(
+                id=p.key_id or "",
+                tenant=p.tenant,
+                scopes=sorted(p.scopes),
+                created_at=0.0,
+                source="config",
+                requests_per_minute=p.requests_per_minute,
+            )
+            for _, p in self.config_keys
+        ]
 
     async def is_open(self) -> bool:
         if self.mode == "required" or self.config_keys or self._enforced:

@@ -46,8 +46,12 @@ def prepare(config: Config) -> Prepared:
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: Starlette, client: AgentPoolClient, settings: Settings, prepared: Prepared,
-                   ) -> AsyncIterator[None]:
+async def lifespan(
+    app: Starlette,
+    client: AgentPoolClient,
+    settings: Settings,
+    prepared: Prepared,
+) -> AsyncIterator[None]:
     """Attach the parts to ``app.state`` for the handlers; stop the background work at the end."""
     st = app.state
     st.auth = Authenticator(KeyStore(client.redis, client.names), prepared.keys, settings.auth)

@@ -75,6 +75,9 @@ def resume_after(request: Request) -> bytes:
     """``Last-Event-ID`` (or ``?after=``): a Redis stream entry id, validated; ``0-0`` if none."""
     after = request.headers.get("last-event-id", request.query_params.get("after", "0-0"))  # "" is invalid
     if not _STREAM_ID.match(after):
-        raise BadRequest("Last-Event-ID must be a stream entry id like 1795334370711-0",
-                         error_code="VALIDATION_ERROR", details={"header": "Last-Event-ID"})
+        raise BadRequest(
+            "Last-Event-ID must be a stream entry id like 1795334370711-0",
+            error_code="VALIDATION_ERROR",
+            details={"header": "Last-Event-ID"},
+        )
     return after.encode()

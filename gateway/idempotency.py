@@ -49,7 +49,8 @@ def idempotency_key(request: Request) -> str | None:
     if not _KEY.match(key):
         raise BadRequest(
             f"Idempotency-Key must be 1-{MAX_KEY_CHARS} visible ASCII characters",
-            error_code="VALIDATION_ERROR", details={"header": "Idempotency-Key"},
+            error_code="VALIDATION_ERROR",
+            details={"header": "Idempotency-Key"},
         )
     return key
 

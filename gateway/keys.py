@@ -68,8 +68,9 @@ def check_grant(tenant: str, scopes: list[str]) -> None:
         raise BadRequest(f"tenant must be 1-63 of [a-z0-9_-], got {tenant!r}", error_code="VALIDATION_ERROR")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
-        raise BadRequest(f"scopes must be a non-empty subset of {list(SCOPES)}",
-                         error_code="VALIDATION_ERROR")
+        raise BadRequest(
+            f"scopes must be a non-empty subset of {list(SCOPES)}", error_code="VALIDATION_ERROR"
+        )
 
 
 class KeyStore:
@@ -89,8 +90,14 @@ class KeyStore:
                 if old.source == "dev":
                     await self.revoke(old.id)
         key_id, key = new_key()
-        info = KeyInfo(id=key_id, tenant=tenant, scopes=sorted(set(scopes)), created_at=time.time(),
-                       source="dev" if dev else "redis", requests_per_minute=rpm)
+        info = KeyInfo(
+            id=key_id,
+            tenant=tenant,
+            scopes=sorted(set(scopes)),
+            created_at=time.time(),
+            source="dev" if dev else "redis",
+            requests_per_minute=rpm,
+        )
         record: dict[FieldT, EncodableT] = {"sha256": sha256_hex(key), "info": msgspec.json.encode(info)}
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(self.names.api_key(key_id), mapping=record)

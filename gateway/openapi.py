@@ -17,8 +17,22 @@ from gateway import schemas as s
 from shared import messages as m
 
 VERSION = "1.0.0"
-_TYPES = [s.AskBody, s.AskResponse, s.Accepted, s.Running, s.ErrorBody, s.WebhookPayload, s.KeyList,
-          s.Revoked, s.WebhookSecret, m.Start, m.Chunk, m.Restart, m.End, m.Error]  # m.*: SSE event data
+_TYPES = [
+    s.AskBody,
+    s.AskResponse,
+    s.Accepted,
+    s.Running,
+    s.ErrorBody,
+    s.WebhookPayload,
+    s.KeyList,
+    s.Revoked,
+    s.WebhookSecret,
+    m.Start,
+    m.Chunk,
+    m.Restart,
+    m.End,
+    m.Error,
+]  # m.*: SSE event data
 _REF = "#/components/schemas/{name}"
 _ERROR_TEXT = {
     400: "Bad input (INVALID_JSON, VALIDATION_ERROR, WEBHOOK_URL_REFUSED, ...)",
@@ -36,15 +50,22 @@ _ERROR_TEXT = {
 }
 _INT = {"type": "integer", "minimum": 0}
 _SSE_EVENT = {  # one event of the stream (": keep-alive" comment lines carry none)
-    "type": "object", "required": ["id", "event", "data"],
+    "type": "object",
+    "required": ["id", "event", "data"],
     "description": "start, chunk..., then end or error (restart when a new attempt begins); "
-                   "id is a Redis stream entry id, usable as Last-Event-ID",
+    "id is a Redis stream entry id, usable as Last-Event-ID",
     "properties": {
         "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
         "event": {"enum": ["start", "chunk", "restart", "end", "error"]},
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"oneOf": [{"$ref": _REF.format(name=n)}
-                                             for n in ("Start", "Chunk", "Restart", "End", "Error")]}},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "oneOf": [
+                    {"$ref": _REF.format(name=n)} for n in ("Start", "Chunk", "Restart", "End", "Error")
+                ]
+            },
+        },
     },
 }
 _STR = {"type": "string"}
@@ -54,7 +75,8 @@ RATE_HEADERS = {
     "X-RateLimit-Reset": {"description": "Seconds until that limit is fully replenished", "schema": _INT},
 }
 _REQUEST_HEADERS = {
-    "X-Request-ID": {"schema": _STR}, "X-Thread-ID": {"schema": _STR},
+    "X-Request-ID": {"schema": _STR},
+    "X-Thread-ID": {"schema": _STR},
     "X-Routing-Tier": {"description": "sticky, spill, overflow, queued, or replay", "schema": _STR},
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": _INT}}
@@ -65,8 +87,10 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _error(status: int, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": _ERROR_TEXT[status],
-                           "content": {"application/json": {"schema": _ref("ErrorBody")}}}
+    out: dict[str, Any] = {
+        "description": _ERROR_TEXT[status],
+        "content": {"application/json": {"schema": _ref("ErrorBody")}},
+    }
     if headers:
         out["headers"] = headers
     return out
@@ -78,8 +102,10 @@ def _errors(*statuses: int, headers: dict[str, Any] | None = None) -> dict[str, 
 
 
 def _json(name: str, description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": description,
-                           "content": {"application/json": {"schema": _ref(name)}}}
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(name)}},
+    }
     if headers:
         out["headers"] = headers
     return out
@@ -94,46 +120,72 @@ def _answer(description: str, headers: dict[str, Any]) -> dict[str, Any]:
 
 def _ask() -> dict[str, Any]:
     ok_headers = {**_REQUEST_HEADERS, **RATE_HEADERS}
-    return {"post": {
-        "operationId": "ask", "summary": "Ask a pool (JSON, SSE, or webhook)",
-        "parameters": [
-            {"name": "pool", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "Idempotency-Key", "in": "header", "required": False,
-             "description": "Same key + same body within 24 h returns the first request's answer",
-             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,256}$"}},
-        ],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("AskBody")}}},
-        "responses": {
-            "200": _answer("The answer (JSON), or its event stream", ok_headers),
-            "202": _json("Accepted", "Webhook mode: the result will be POSTed to webhook_url",
-                         {**ok_headers, "Location": {"schema": _STR}}),
-            **_errors(400, 401, 403, 404, 413, 422, 502, 504, headers=RATE_HEADERS),
-            **_errors(429, 503, headers=RATE_HEADERS),
-        },
-    }}
+    return {
+        "post": {
+            "operationId": "ask",
+            "summary": "Ask a pool (JSON, SSE, or webhook)",
+            "parameters": [
+                {"name": "pool", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "Same key + same body within 24 h returns the first request's answer",
+                    "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,256}$"},
+                },
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("AskBody")}}},
+            "responses": {
+                "200": _answer("The answer (JSON), or its event stream", ok_headers),
+                "202": _json(
+                    "Accepted",
+                    "Webhook mode: the result will be POSTed to webhook_url",
+                    {**ok_headers, "Location": {"schema": _STR}},
+                ),
+                **_errors(400, 401, 403, 404, 413, 422, 502, 504, headers=RATE_HEADERS),
+                **_errors(429, 503, headers=RATE_HEADERS),
+            },
+        }
+    }
 
 
 def _get_request() -> dict[str, Any]:
-    return {"get": {
-        "operationId": "getRequest", "summary": "An earlier request's result, or its stream resumed",
-        "parameters": [
-            {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "Last-Event-ID", "in": "header", "required": False,
-             "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}},
-        ],
-        "responses": {
-            "200": _answer("The result, or with Accept: text/event-stream its events", {"X-Request-ID": {
-                "schema": _STR}}),
-            "202": _json("Running", "Still running"),
-            **_errors(400, 401, 403, 404, 499, 502, 503, 504),
-        },
-    }}
+    return {
+        "get": {
+            "operationId": "getRequest",
+            "summary": "An earlier request's result, or its stream resumed",
+            "parameters": [
+                {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                },
+            ],
+            "responses": {
+                "200": _answer(
+                    "The result, or with Accept: text/event-stream its events",
+                    {"X-Request-ID": {"schema": _STR}},
+                ),
+                "202": _json("Running", "Still running"),
+                **_errors(400, 401, 403, 404, 499, 502, 503, 504),
+            },
+        }
+    }
 
 
-def _admin(op: str, method: str, name: str, summary: str, *errors: int,
-           params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {method: {"operationId": op, "summary": summary, "parameters": params or [],
-                     "responses": {"200": _json(name, summary), **_errors(401, 403, *errors, 503)}}}
+def _admin(
+    op: str, method: str, name: str, summary: str, *errors: int, params: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    return {
+        method: {
+            "operationId": op,
+            "summary": summary,
+            "parameters": params or [],
+            "responses": {"200": _json(name, summary), **_errors(401, 403, *errors, 503)},
+        }
+    }
 
 
 def _public(op: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +193,14 @@ def _public(op: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
 
 
 _HEALTH = {"type": "object", "properties": {"status": _STR}, "required": ["status"]}
-_READY = {"type": "object", "required": ["status", "dependencies"], "properties": {
-    "status": {"enum": ["ready", "not_ready"]},
-    "dependencies": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
+_READY = {
+    "type": "object",
+    "required": ["status", "dependencies"],
+    "properties": {
+        "status": {"enum": ["ready", "not_ready"]},
+        "dependencies": {"type": "object", "additionalProperties": {"type": "boolean"}},
+    },
+}
 
 
 def _paths() -> dict[str, Any]:
@@ -152,51 +209,94 @@ def _paths() -> dict[str, Any]:
         "/v1/ask/{pool}": _ask(),
         "/v1/requests/{request_id}": _get_request(),
         "/v1/keys": _admin("listKeys", "get", "KeyList", "The tenant's API keys"),
-        "/v1/keys/{key_id}": _admin("revokeKey", "delete", "Revoked", "Revoke one of the tenant's keys",
-                                    404, params=key_param),
-        "/v1/webhooks/secret": _admin("webhookSecret", "get", "WebhookSecret",
-                                      "The secret that signs the tenant's webhooks"),
-        "/healthz": _public("healthz", "The process is up", {"200": {
-            "description": "Up", "content": {"application/json": {"schema": _HEALTH}}}}),
-        "/readyz": _public("readyz", "RabbitMQ and Redis are reachable", {
-            code: {"description": what, "content": {"application/json": {"schema": _READY}}}
-            for code, what in (("200", "Ready"), ("503", "Not ready"))}),
-        "/metrics": _public("metrics", "Prometheus metrics of this gateway process", {
-            "200": {"description": "Exposition format", "content": {"text/plain": {"schema": _STR}}},
-            "404": _error(404)}),
-        "/openapi.json": _public("openapi", "This document", {"200": {
-            "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}),
+        "/v1/keys/{key_id}": _admin(
+            "revokeKey", "delete", "Revoked", "Revoke one of the tenant's keys", 404, params=key_param
+        ),
+        "/v1/webhooks/secret": _admin(
+            "webhookSecret", "get", "WebhookSecret", "The secret that signs the tenant's webhooks"
+        ),
+        "/healthz": _public(
+            "healthz",
+            "The process is up",
+            {"200": {"description": "Up", "content": {"application/json": {"schema": _HEALTH}}}},
+        ),
+        "/readyz": _public(
+            "readyz",
+            "RabbitMQ and Redis are reachable",
+            {
+                code: {"description": what, "content": {"application/json": {"schema": _READY}}}
+                for code, what in (("200", "Ready"), ("503", "Not ready"))
+            },
+        ),
+        "/metrics": _public(
+            "metrics",
+            "Prometheus metrics of this gateway process",
+            {
+                "200": {"description": "Exposition format", "content": {"text/plain": {"schema": _STR}}},
+                "404": _error(404),
+            },
+        ),
+        "/openapi.json": _public(
+            "openapi",
+            "This document",
+            {
+                "200": {
+                    "description": "OpenAPI 3.1",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        ),
     }
 
 
 def _webhooks() -> dict[str, Any]:
     headers = [
-        {"name": "X-Webhook-Signature", "in": "header", "required": True, "schema": _STR,
-         "description": "sha256=<hex HMAC-SHA256 of the raw body with the tenant's webhook secret>"},
-        {"name": "X-Request-ID", "in": "header", "required": True, "schema": _STR,
-         "description": "The request's id: deliveries are at least once, dedupe by it"},
+        {
+            "name": "X-Webhook-Signature",
+            "in": "header",
+            "required": True,
+            "schema": _STR,
+            "description": "sha256=<hex HMAC-SHA256 of the raw body with the tenant's webhook secret>",
+        },
+        {
+            "name": "X-Request-ID",
+            "in": "header",
+            "required": True,
+            "schema": _STR,
+            "description": "The request's id: deliveries are at least once, dedupe by it",
+        },
         {"name": "X-Webhook-Attempt", "in": "header", "required": True, "schema": _INT},
     ]
-    return {"result": {"post": {
-        "summary": "The result of a request made with webhook_url; retried with backoff until 2xx",
-        "parameters": headers,
-        "requestBody": {"content": {"application/json": {"schema": _ref("WebhookPayload")}}},
-        "responses": {"200": {"description": "Any 2xx acknowledges the delivery"}},
-    }}}
+    return {
+        "result": {
+            "post": {
+                "summary": "The result of a request made with webhook_url; retried with backoff until 2xx",
+                "parameters": headers,
+                "requestBody": {"content": {"application/json": {"schema": _ref("WebhookPayload")}}},
+                "responses": {"200": {"description": "Any 2xx acknowledges the delivery"}},
+            }
+        }
+    }
 
 
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(_TYPES, ref_template=_REF)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "agentpool gateway", "version": VERSION,
-                 "description": "Pools of warm LLM agents. Errors are always {error, error_code, details}."},
+        "info": {
+            "title": "agentpool gateway",
+            "version": VERSION,
+            "description": "Pools of warm LLM agents. Errors are always {error, error_code, details}.",
+        },
         "paths": _paths(),
         "webhooks": _webhooks(),
-        "components": {"schemas": components, "securitySchemes": {
-            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            "Bearer": {"type": "http", "scheme": "bearer"},
-        }},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
         "security": [{"ApiKey": []}, {"Bearer": []}],
     }
 

@@ -65,12 +65,16 @@ class Verdict:
     retry_after_s: float
 
     def headers(self) -> dict[str, str]:
-        return {"X-RateLimit-Limit": str(self.limit), "X-RateLimit-Remaining": str(self.remaining),
-                "X-RateLimit-Reset": str(self.reset_s)}
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset_s),
+        }
 
 
-def limits_for(config: Config, names: Names, principal: Principal, pool_name: str,
-               pool: Pool) -> list[tuple[str, int]]:
+def limits_for(
+    config: Config, names: Names, principal: Principal, pool_name: str, pool: Pool
+) -> list[tuple[str, int]]:
     """(Redis key, requests per minute) of each limit that applies; 0 means unlimited.
 
     The anonymous caller of an open gateway has no key limit, only pool limits. A per-tenant
@@ -100,5 +104,10 @@ class RateLimiter:
         with translated(self._url):
             res = await self._script(keys=[k for k, _ in limits], args=[PERIOD_MS, *(n for _, n in limits)])
         allowed, idx, remaining, reset_ms, retry_ms = (int(x) for x in res)
-        return Verdict(bool(allowed), limits[idx - 1][1], max(0, remaining),
-                       max(0, math.ceil(reset_ms / 1000)), retry_ms / 1000)
+        return Verdict(
+            bool(allowed),
+            limits[idx - 1][1],
+            max(0, remaining),
+            max(0, math.ceil(reset_ms / 1000)),
+            retry_ms / 1000,
+        )

@@ -31,8 +31,12 @@ async def ask(request: Request) -> Response:
     admitted = await admission.admit(request)  # auth, the tenant's pool, rate limit, body
     started = await admission.start(request, admitted)  # idempotency, webhook record, publish
     ticket, sub, body = started.ticket, started.sub, admitted.body
-    headers = {"X-Request-ID": ticket.request_id, "X-Thread-ID": ticket.thread_id,
-               "X-Routing-Tier": ticket.tier, **admitted.rate_headers}
+    headers = {
+        "X-Request-ID": ticket.request_id,
+        "X-Thread-ID": ticket.thread_id,
+        "X-Routing-Tier": ticket.tier,
+        **admitted.rate_headers,
+    }
     if started.replay:
         headers["Idempotent-Replayed"] = "true"
     if started.accepted:
@@ -51,8 +55,13 @@ async def ask(request: Request) -> Response:
 
 def _answer(end: End) -> AskResponse:
     return AskResponse(
-        request_id=end.request_id, thread_id=end.thread_id, agent_id=end.agent_id,
-        content=end.content, usage=end.usage, timings=end.timings, created_at=end.created_at,
+        request_id=end.request_id,
+        thread_id=end.thread_id,
+        agent_id=end.agent_id,
+        content=end.content,
+        usage=end.usage,
+        timings=end.timings,
+        created_at=end.created_at,
         attempt=end.attempt,
     )
 
@@ -101,7 +110,9 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     deps = await _client(request).ready()
     ok = all(deps.values())
-    return JSON({"status": "ready" if ok else "not_ready", "dependencies": deps}, status_code=200 if ok else 503)
+    return JSON(
+        {"status": "ready" if ok else "not_ready", "dependencies": deps}, status_code=200 if ok else 503
+    )
 
 
 async def metrics_text(request: Request) -> Response:

@@ -20,11 +20,21 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def server(settings: Settings, config: Config, host: str, port: int, *, embedded: bool = False) -> uvicorn.Server:
+def server(
+    settings: Settings, config: Config, host: str, port: int, *, embedded: bool = False
+) -> uvicorn.Server:
     app = create_app(settings, config)
     cfg = uvicorn.Config(
-        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=False, log_config=None, timeout_graceful_shutdown=10, server_header=False,
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        server_header=False,
     )
     return (EmbeddedServer if embedded else uvicorn.Server)(cfg)
 

@@ -67,13 +67,26 @@ def payload_for(request_id: str, thread_id: str, pool: str, kind: bytes, data: b
     """The webhook body for a final reply event."""
     if kind == b"end":
         end = msgspec.json.decode(data, type=End)
-        p = WebhookPayload(request_id=request_id, thread_id=thread_id, pool=pool, status="completed",
-                           agent_id=end.agent_id, content=end.content, usage=end.usage,
-                           timings=end.timings, created_at=end.created_at)
+        p = WebhookPayload(
+            request_id=request_id,
+            thread_id=thread_id,
+            pool=pool,
+            status="completed",
+            agent_id=end.agent_id,
+            content=end.content,
+            usage=end.usage,
+            timings=end.timings,
+            created_at=end.created_at,
+        )
     else:
         err = msgspec.json.decode(data, type=Error)
-        p = WebhookPayload(request_id=request_id, thread_id=thread_id, pool=pool, status="failed",
-                           error=WebhookError(error=err.error, error_code=err.error_code))
+        p = WebhookPayload(
+            request_id=request_id,
+            thread_id=thread_id,
+            pool=pool,
+            status="failed",
+            error=WebhookError(error=err.error, error_code=err.error_code),
+        )
     return _ENC.encode(p)
 
 
@@ -118,13 +131,19 @@ class Deliverer:
             await self._http.aclose()
 
     # --- the request side
-    async def schedule(self, request_id: str, *, url: str, tenant: str, pool: str, thread_id: str,
-                       start_by: float) -> None:
+    async def schedule(
+        self, request_id: str, *, url: str, tenant: str, pool: str, thread_id: str, start_by: float
+    ) -> None:
         """Persist a pending delivery (before the request is published)."""
         key = self.names.webhook(request_id)
         record: dict[FieldT, EncodableT] = {
-            "url": url, "tenant": tenant, "pool": pool, "thread_id": thread_id, "start_by": repr(start_by),
-            "attempts": 0}
+            "url": url,
+            "tenant": tenant,
+            "pool": pool,
+            "thread_id": thread_id,
+            "start_by": repr(start_by),
+            "attempts": 0,
+        }
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(key, mapping=record)
             p.expire(key, RECORD_TTL_S)
@@ -196,14 +215,19 @@ class Deliverer:
             may_start = time.time() < float(rec["start_by"]) + START_GRACE_S
             if may_start or await self.redis.xrange(reply, count=1):
                 return None  # still running, or may still start
-            await self.client.store.finish(Error(
-                request_id=request_id, error_code="QUEUE_TIMEOUT",
-                error="no agent started the request before its max_wait_s"))
+            await self.client.store.finish(
+                Error(
+                    request_id=request_id,
+                    error_code="QUEUE_TIMEOUT",
+                    error="no agent started the request before its max_wait_s",
+                )
+            )
             fields = await self._final(reply)
             if fields is None:
                 return None
-        payload = payload_for(request_id, rec["thread_id"].decode(), rec["pool"].decode(),
-                              fields[b"t"], fields[b"d"])
+        payload = payload_for(
+            request_id, rec["thread_id"].decode(), rec["pool"].decode(), fields[b"t"], fields[b"d"]
+        )
         await self.redis.hset(self.names.webhook(request_id), "payload", payload)
         return payload
 
@@ -232,17 +256,28 @@ class Deliverer:
             await self._forget(request_id)
         else:
             delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 1))
-            log.warning("webhook for %s failed (attempt %d: %s); retry in %.1fs", request_id, attempt, why,
-                        delay, extra=extra)
+            log.warning(
+                "webhook for %s failed (attempt %d: %s); retry in %.1fs",
+                request_id,
+                attempt,
+                why,
+                delay,
+                extra=extra,
+            )
             await self._due_in(request_id, delay * random.uniform(0.9, 1.1))
 
-    async def _post(self, url: str, request_id: str, attempt: int, payload: bytes,
-                    secret: bytes) -> str | None:
+    async def _post(
+        self, url: str, request_id: str, attempt: int, payload: bytes, secret: bytes
+    ) -> str | None:
         """None on a 2xx answer, else why not."""
         assert self._http is not None
-        headers = {"Content-Type": "application/json", "X-Webhook-Signature": sign(secret, payload),
-                   "X-Request-ID": request_id, "X-Webhook-Attempt": str(attempt),
-                   "User-Agent": "agentpool-webhooks"}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Webhook-Signature": sign(secret, payload),
+            "X-Request-ID": request_id,
+            "X-Webhook-Attempt": str(attempt),
+            "User-Agent": "agentpool-webhooks",
+        }
         try:
             r = await self._http.post(url, content=payload, headers=headers)
         except (httpx.HTTPError, httpx.InvalidURL) as e:

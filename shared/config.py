@@ -120,9 +120,7 @@ def _check(config: Config) -> list[str]:
                 problems.append(f"{where}.deployments[{i}].name: duplicate {dep.name!r}")
             seen.add(dep.name)
             if dep.agent_type not in config.agent_types:
-                problems.append(
-                    f"{where}.deployments[{i}].agent_type: unknown agent type {dep.agent_type!r}"
-                )
+                problems.append(f"{where}.deployments[{i}].agent_type: unknown agent type {dep.agent_type!r}")
         if pool.deployments and not any(d.weight for d in pool.deployments):
             problems.append(f"{where}.deployments: at least one weight must be > 0")
         if pool.tenants and not pool.per_tenant:
@@ -152,9 +150,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         for section, type_ in (("providers", Provider), ("agent_types", AgentType), ("pools", Pool)):
             table = raw.get(section)
             if isinstance(table, dict):
-                raw[section] = {
-                    k: _convert(v, type_, f"{section}.{k}") for k, v in table.items()
-                }
+                raw[section] = {k: _convert(v, type_, f"{section}.{k}") for k, v in table.items()}
         config = msgspec.convert(raw, Config, from_attributes=True)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

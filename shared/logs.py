@@ -13,7 +13,11 @@ import time
 import msgspec
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", "color_message"}
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 _ENC = msgspec.json.Encoder()
 
 

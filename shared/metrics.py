@@ -33,8 +33,25 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 # LLM latencies run from milliseconds (a cached fake) to minutes (long generations).
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-                     120.0, 300.0, 600.0)
+LATENCY_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 WARMUP_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TIERS = ("sticky", "spill", "overflow", "queued", "rejected")
 PD = ("pool", "deployment")
@@ -51,54 +68,129 @@ class Metrics:
         self._providers(registry)
 
     def _gateway(self, r: CollectorRegistry) -> None:
-        self.routed = Counter("agentpool_requests_routed", "Requests published by routing tier; "
-                              "tier=rejected is a 503 POOL_SATURATED", ("pool", "tier"), registry=r)
-        self.sse_open = Gauge("agentpool_gateway_sse_streams_open", "SSE reply streams the gateway is "
-                              "sending now", registry=r, multiprocess_mode="livesum")
-        self.reader_lag = Gauge("agentpool_reply_reader_lag_seconds", "Age of the newest reply entry "
-                                "when the reply reader got it (last read)", registry=r,
-                                multiprocess_mode="livemax")
-        self.pool_ready = Gauge("agentpool_pool_replicas_ready", "Replicas of the pool ready per the "
-                                "heartbeats this process sees", ("pool",), registry=r,
-                                multiprocess_mode="livemax")
+        self.routed = Counter(
+            "agentpool_requests_routed",
+            "Requests published by routing tier; tier=rejected is a 503 POOL_SATURATED",
+            ("pool", "tier"),
+            registry=r,
+        )
+        self.sse_open = Gauge(
+            "agentpool_gateway_sse_streams_open",
+            "SSE reply streams the gateway is sending now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reader_lag = Gauge(
+            "agentpool_reply_reader_lag_seconds",
+            "Age of the newest reply entry when the reply reader got it (last read)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.pool_ready = Gauge(
+            "agentpool_pool_replicas_ready",
+            "Replicas of the pool ready per the heartbeats this process sees",
+            ("pool",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     def _requests(self, r: CollectorRegistry) -> None:
-        self.requests = Counter("agentpool_requests", "Requests a replica finished, by outcome (end, error, "
-                                "duplicate, skipped, parked)", (*PD, "outcome"), registry=r)
-        self.request_errors = Counter("agentpool_request_errors", "Requests that ended with an error event "
-                                      "or were skipped, by error code", (*PD, "error_code"), registry=r)
-        self.duration = Histogram("agentpool_request_duration_seconds", "Published to end written, for "
-                                  "answered requests", PD, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.queue_wait = Histogram("agentpool_queue_wait_seconds", "Published to a replica starting it, "
-                                    "for answered requests", PD, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.ttft = Histogram("agentpool_time_to_first_token_seconds", "Replica start to the provider's "
-                              "first token, for answered requests", PD, buckets=LATENCY_BUCKETS_S, registry=r)
-        self.in_flight = Gauge("agentpool_in_flight", "Requests replicas are running now", PD,
-                               registry=r, multiprocess_mode="livesum")
-        self.queue_ready = Gauge("agentpool_queue_ready", "Requests waiting in replica queues (per "
-                                 "heartbeat)", PD, registry=r, multiprocess_mode="livesum")
-        self.redeliveries = Counter("agentpool_redeliveries", "Requests begun again (attempt > 1) after a "
-                                    "replica died or gave them back", PD, registry=r)
-        self.rescues = Counter("agentpool_rescues", "Requests that reached a replica through the pool's "
-                               "shared queue after waiting too long in a replica queue", PD, registry=r)
+        self.requests = Counter(
+            "agentpool_requests",
+            "Requests a replica finished, by outcome (end, error, duplicate, skipped, parked)",
+            (*PD, "outcome"),
+            registry=r,
+        )
+        self.request_errors = Counter(
+            "agentpool_request_errors",
+            "Requests that ended with an error event or were skipped, by error code",
+            (*PD, "error_code"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "agentpool_request_duration_seconds",
+            "Published to end written, for answered requests",
+            PD,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "agentpool_queue_wait_seconds",
+            "Published to a replica starting it, for answered requests",
+            PD,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "agentpool_time_to_first_token_seconds",
+            "Replica start to the provider's first token, for answered requests",
+            PD,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "agentpool_in_flight",
+            "Requests replicas are running now",
+            PD,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_ready = Gauge(
+            "agentpool_queue_ready",
+            "Requests waiting in replica queues (per heartbeat)",
+            PD,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.redeliveries = Counter(
+            "agentpool_redeliveries",
+            "Requests begun again (attempt > 1) after a replica died or gave them back",
+            PD,
+            registry=r,
+        )
+        self.rescues = Counter(
+            "agentpool_rescues",
+            "Requests that reached a replica through the pool's "
+            "shared queue after waiting too long in a replica queue",
+            PD,
+            registry=r,
+        )
 
     def _replicas(self, r: CollectorRegistry) -> None:
-        self.warmup = Histogram("agentpool_replica_warmup_seconds", "Replica process start to ready "
-                                "(connect, declare, warm the provider)", PD, buckets=WARMUP_BUCKETS_S,
-                                registry=r)
-        self.cold_starts = Counter("agentpool_replica_cold_starts", "Replicas that started and warmed "
-                                   "(first start, restart or scale-up)", PD, registry=r)
+        self.warmup = Histogram(
+            "agentpool_replica_warmup_seconds",
+            "Replica process start to ready (connect, declare, warm the provider)",
+            PD,
+            buckets=WARMUP_BUCKETS_S,
+            registry=r,
+        )
+        self.cold_starts = Counter(
+            "agentpool_replica_cold_starts",
+            "Replicas that started and warmed (first start, restart or scale-up)",
+            PD,
+            registry=r,
+        )
 
     def _providers(self, r: CollectorRegistry) -> None:
         pdp = (*PD, "provider")
-        self.provider_errors = Counter("agentpool_provider_errors", "Failed provider calls (retried or "
-                                       "final), by error code", (*pdp, "error_code"), registry=r)
-        self.retries = Counter("agentpool_provider_retries", "Provider calls retried, by the error that "
-                               "caused the retry", (*pdp, "error_code"), registry=r)
-        self.tokens_in = Counter("agentpool_input_tokens", "Prompt tokens sent to providers", (*pdp, "model"),
-                                 registry=r)
-        self.tokens_out = Counter("agentpool_output_tokens", "Tokens generated by providers", (*pdp, "model"),
-                                  registry=r)
+        self.provider_errors = Counter(
+            "agentpool_provider_errors",
+            "Failed provider calls (retried or final), by error code",
+            (*pdp, "error_code"),
+            registry=r,
+        )
+        self.retries = Counter(
+            "agentpool_provider_retries",
+            "Provider calls retried, by the error that caused the retry",
+            (*pdp, "error_code"),
+            registry=r,
+        )
+        self.tokens_in = Counter(
+            "agentpool_input_tokens", "Prompt tokens sent to providers", (*pdp, "model"), registry=r
+        )
+        self.tokens_out = Counter(
+            "agentpool_output_tokens", "Tokens generated by providers", (*pdp, "model"), registry=r
+        )
 
 
 @dataclass
@@ -117,19 +209,25 @@ class FleetCollector(Collector):
         self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
-        desired = GaugeMetricFamily("agentpool_replicas_desired", "Replicas a deployment should have "
-                                    "(Redis desired count, else the pools file)", labels=PD)
-        actual = GaugeMetricFamily("agentpool_replicas_actual", "Replica processes this supervisor has "
-                                   "running", labels=PD)
-        exits = CounterMetricFamily("agentpool_replica_exits", "Replica processes that exited "
-                                    "unexpectedly (the supervisor restarts them)", labels=PD)
+        desired = GaugeMetricFamily(
+            "agentpool_replicas_desired",
+            "Replicas a deployment should have (Redis desired count, else the pools file)",
+            labels=PD,
+        )
+        actual = GaugeMetricFamily(
+            "agentpool_replicas_actual", "Replica processes this supervisor has running", labels=PD
+        )
+        exits = CounterMetricFamily(
+            "agentpool_replica_exits",
+            "Replica processes that exited unexpectedly (the supervisor restarts them)",
+            labels=PD,
+        )
         yield _filled(desired, self.fleet.desired)
         yield _filled(actual, self.fleet.running)
         yield _filled(exits, self.fleet.exits)
 
 
-def _filled(family: GaugeMetricFamily | CounterMetricFamily,
-            values: Mapping[tuple[str, str], int]) -> Metric:
+def _filled(family: GaugeMetricFamily | CounterMetricFamily, values: Mapping[tuple[str, str], int]) -> Metric:
     for labels, value in dict(values).items():  # a copy: the supervisor's loop writes while we read
         family.add_metric(list(labels), value)
     return family

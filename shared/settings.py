@@ -22,7 +22,9 @@ class Settings:
     namespace: str = "ap"  # prefixes every Redis key and RabbitMQ queue/exchange name
     log_format: str = "json"  # json | text
     log_level: str = "INFO"
-    routing: str = "tiered"  # tiered (sticky/spill/overflow by depth) | hash (sticky order only, broker-bounded)
+    routing: str = (
+        "tiered"  # tiered (sticky/spill/overflow by depth) | hash (sticky order only, broker-bounded)
+    )
     metrics: bool = True  # AGENTPOOL_METRICS=0 turns every metric hook into a no-op
     auth: str = "auto"  # auto: open until an API key exists | required: always need a key
 
@@ -53,9 +55,7 @@ class Settings:
                 f"AGENTPOOL_REDIS_URL: expected redis://, rediss:// or unix://, got {self.redis_url!r}"
             )
         if not _NAMESPACE.match(self.namespace):
-            raise ConfigError(
-                f"AGENTPOOL_NAMESPACE: expected 1-32 of [a-z0-9_-], got {self.namespace!r}"
-            )
+            raise ConfigError(f"AGENTPOOL_NAMESPACE: expected 1-32 of [a-z0-9_-], got {self.namespace!r}")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"AGENTPOOL_LOG_FORMAT: expected json or text, got {self.log_format!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

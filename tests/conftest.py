@@ -52,7 +52,11 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def service_urls() -> Iterator[tuple[str, str]]:
-    amqp = os.environ.get("AGENTPOOL_AMQP_URL") or os.environ.get("AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/"
+    amqp = (
+        os.environ.get("AGENTPOOL_AMQP_URL")
+        or os.environ.get("AMQP_URL")
+        or "amqp://guest:guest@127.0.0.1:5672/"
+    )
     red = os.environ.get("AGENTPOOL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     if (_reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379)) or "AMQP_URL" in os.environ:
         yield amqp, red
@@ -96,9 +100,18 @@ replicas = {replicas}
 
 
 def make_config(
-    *, pool: str = "p", replicas: int = 3, concurrency: int = 4, sticky_depth: int = 3,
-    max_depth: int = 10, ttft_ms: float = 0, tokens_per_s: float = 0, reply_tokens: int = 12,
-    rescue_after_s: float = 5, max_attempts: int = 3, extra: str = "",
+    *,
+    pool: str = "p",
+    replicas: int = 3,
+    concurrency: int = 4,
+    sticky_depth: int = 3,
+    max_depth: int = 10,
+    ttft_ms: float = 0,
+    tokens_per_s: float = 0,
+    reply_tokens: int = 12,
+    rescue_after_s: float = 5,
+    max_attempts: int = 3,
+    extra: str = "",
 ) -> Config:
     text = EXAMPLE.format(**locals()) + extra
     return parse_config(text, "test.toml")
@@ -112,8 +125,11 @@ async def cleanup_namespace(settings: Settings, config: Config, max_replicas: in
         ch = await conn.channel()
         for pool, p in config.pools.items():
             queues = [names.pool_queue(pool), names.parking_queue(pool)]
-            queues += [names.replica_queue(replica_id(pool, d.name, n))
-                       for d in p.deployments for n in range(1, max_replicas + 1)]
+            queues += [
+                names.replica_queue(replica_id(pool, d.name, n))
+                for d in p.deployments
+                for n in range(1, max_replicas + 1)
+            ]
             for q in queues:
                 await ch.queue_delete(q)
             await ch.exchange_delete(names.pool_exchange(pool))
@@ -121,7 +137,7 @@ async def cleanup_namespace(settings: Settings, config: Config, max_replicas: in
     try:
         keys = [k async for k in r.scan_iter(match=names.pattern(), count=1000)]
         for i in range(0, len(keys), 500):
-            await r.delete(*keys[i:i + 500])
+            await r.delete(*keys[i : i + 500])
     finally:
         await r.aclose()
 
@@ -132,8 +148,9 @@ def settings(service_urls: tuple[str, str]) -> Settings:
     return Settings(amqp_url=amqp, redis_url=red, namespace=f"t{RUN}-{next(_counter)}")
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0,
-                     what: str = "condition") -> None:
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
     """Poll ``predicate`` until true; fail after ``timeout_s`` naming ``what``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -206,8 +223,9 @@ class System:
 async def make_system(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[System]]]:
     systems: list[System] = []
 
-    async def factory(config: Config | None = None, start: bool = True, drain_timeout_s: float = 10.0,
-                      **kw: Any) -> System:
+    async def factory(
+        config: Config | None = None, start: bool = True, drain_timeout_s: float = 10.0, **kw: Any
+    ) -> System:
         cfg = config or make_config(**kw)
         client = AgentPoolClient(settings, cfg)
         await client.start()
@@ -249,9 +267,14 @@ async def running_gateway(settings: Settings, config: Config) -> AsyncIterator[s
 
 
 def subprocess_env(settings: Settings, config_path: Path) -> dict[str, str]:
-    return {**os.environ, "AGENTPOOL_AMQP_URL": settings.amqp_url, "AGENTPOOL_REDIS_URL": settings.redis_url,
-            "AGENTPOOL_NAMESPACE": settings.namespace, "AGENTPOOL_CONFIG": str(config_path),
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "AGENTPOOL_AMQP_URL": settings.amqp_url,
+        "AGENTPOOL_REDIS_URL": settings.redis_url,
+        "AGENTPOOL_NAMESPACE": settings.namespace,
+        "AGENTPOOL_CONFIG": str(config_path),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 PYTHON = sys.executable

@@ -23,12 +23,23 @@ from shared.settings import Settings
 from tests.conftest import EXAMPLE, PYTHON, subprocess_env, wait_until
 from workers.supervisor import Supervisor
 
-BASE = dict(pool="p", replicas=1, concurrency=4, sticky_depth=3, max_depth=10, ttft_ms=20,
-            tokens_per_s=400, reply_tokens=12, rescue_after_s=1, max_attempts=5)
+BASE = dict(
+    pool="p",
+    replicas=1,
+    concurrency=4,
+    sticky_depth=3,
+    max_depth=10,
+    ttft_ms=20,
+    tokens_per_s=400,
+    reply_tokens=12,
+    rescue_after_s=1,
+    max_attempts=5,
+)
 
 
-def pools_file(tmp_path: Path, pool_extra: str = "", extra: str = "", top: str = "",
-               **kw: object) -> tuple[Path, Config]:
+def pools_file(
+    tmp_path: Path, pool_extra: str = "", extra: str = "", top: str = "", **kw: object
+) -> tuple[Path, Config]:
     """A pools file for pool ``p``: ``top`` top-level keys, ``pool_extra`` more keys of ``[pools.p]``,
     ``extra`` more tables."""
     text = top + EXAMPLE.format(**{**BASE, **kw})
@@ -59,9 +70,15 @@ async def supervisors(
 async def spawn_supervisor(settings: Settings, path: Path) -> asyncio.subprocess.Process:
     """``agentpool workers`` as its own process (so a test can SIGKILL it)."""
     return await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "agentpool", "workers", "--metrics-port", "0",
+        PYTHON,
+        "-m",
+        "agentpool",
+        "workers",
+        "--metrics-port",
+        "0",
         env={**subprocess_env(settings, path), "AGENTPOOL_LOG_FORMAT": "text"},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
 
 

@@ -24,8 +24,18 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 
 def pool_file(tmp_path: Path, **kw: object) -> tuple[Path, str]:
-    params = dict(pool="p", replicas=3, concurrency=4, sticky_depth=3, max_depth=16, ttft_ms=20,
-                  tokens_per_s=300, reply_tokens=12, rescue_after_s=2, max_attempts=5)
+    params = dict(
+        pool="p",
+        replicas=3,
+        concurrency=4,
+        sticky_depth=3,
+        max_depth=16,
+        ttft_ms=20,
+        tokens_per_s=300,
+        reply_tokens=12,
+        rescue_after_s=2,
+        max_attempts=5,
+    )
     params.update(kw)
     text = EXAMPLE.format(**params)
     path = tmp_path / "pools.toml"
@@ -42,7 +52,9 @@ async def supervised(system: System, path: Path) -> AsyncIterator[Supervisor]:
 
     async def all_up() -> bool:
         await system.client.refresh_membership()
-        return len(system.client.router.members("p")) == sum(d.replicas for d in system.config.pools["p"].deployments)
+        return len(system.client.router.members("p")) == sum(
+            d.replicas for d in system.config.pools["p"].deployments
+        )
 
     try:
         await wait_until(all_up, 30, "supervised replicas ready")
@@ -98,19 +110,33 @@ async def _sigkill_under_load(system: System, sup: Supervisor) -> None:
         assert kinds[b"end"] == 1 and kinds[b"error"] == 0, (rid, kinds)
     # and every thread's history holds its 5 turns once each, in order
     for t, rids in sent.items():
-        turns = [TURN_DECODER.decode(b) for b in await client.redis.lrange(client.names.thread("default", t), 0, -1)]
+        turns = [
+            TURN_DECODER.decode(b)
+            for b in await client.redis.lrange(client.names.thread("default", t), 0, -1)
+        ]
         assert [x.request_id for x in turns] == [r for r in rids for _ in (0, 1)], t
         assert [x.role for x in turns] == ["user", "assistant"] * 5
     # The killed replica's requests were restarted elsewhere (or by its replacement)
     rescued = {rid: evs for rid, evs in done.items() if any(isinstance(e, Restart) for _, e in evs)}
     assert rescued, "the kill hit no in-flight request"
-    rescue_s = [next(ts for ts, e in evs if isinstance(e, Restart)) - killed_at[0] for evs in rescued.values()]
-    print(f"\nchaos: {len(rescued)} request(s) restarted after the SIGKILL; time to rescue "
-          f"median {statistics.median(rescue_s):.2f}s max {max(rescue_s):.2f}s")
+    rescue_s = [
+        next(ts for ts, e in evs if isinstance(e, Restart)) - killed_at[0] for evs in rescued.values()
+    ]
+    print(
+        f"\nchaos: {len(rescued)} request(s) restarted after the SIGKILL; time to rescue "
+        f"median {statistics.median(rescue_s):.2f}s max {max(rescue_s):.2f}s"
+    )
     assert max(rescue_s) < 10
     # A replacement came up under the same replica id
-    await wait_until(lambda: ("p", "main", 2) in sup.replicas and sup.replicas[("p", "main", 2)].proc is not None
-                     and sup.replicas[("p", "main", 2)].proc.returncode is None, 10, "replacement")
+    await wait_until(
+        lambda: (
+            ("p", "main", 2) in sup.replicas
+            and sup.replicas[("p", "main", 2)].proc is not None
+            and sup.replicas[("p", "main", 2)].proc.returncode is None
+        ),
+        10,
+        "replacement",
+    )
 
 
 async def test_poison_request_is_parked_and_the_pool_keeps_serving(make_system, tmp_path: Path) -> None:

@@ -34,16 +34,34 @@ def test_shipped_example_is_valid() -> None:
     ("text", "expected"),
     [
         ("x = ", "not valid TOML"),
-        (BASE.replace('name = "d"', "name = 3"), "Expected `str`, got `int` - at `pools.p.deployments[0].name`"),
-        (BASE.replace('provider = "fake"', 'provider = "nope"'), "agent_types.a.provider: unknown provider 'nope'"),
-        (BASE.replace('agent_type = "a"', 'agent_type = "zz"'), "pools.p.deployments[0].agent_type: unknown agent type 'zz'"),
+        (
+            BASE.replace('name = "d"', "name = 3"),
+            "Expected `str`, got `int` - at `pools.p.deployments[0].name`",
+        ),
+        (
+            BASE.replace('provider = "fake"', 'provider = "nope"'),
+            "agent_types.a.provider: unknown provider 'nope'",
+        ),
+        (
+            BASE.replace('agent_type = "a"', 'agent_type = "zz"'),
+            "pools.p.deployments[0].agent_type: unknown agent type 'zz'",
+        ),
         (BASE + "[pools.p.limits]\nsticky_depth = 11\n", "pools.p.limits.sticky_depth: must be <= max_depth"),
         (BASE + "[pools.p.limits]\nconcurrency = 10\n", "pools.p.limits.concurrency: must be < max_depth"),
-        (BASE + "[pools.p.limits]\nconcurrency = 0\n", "Expected `int` >= 1 - at `pools.p.limits.concurrency`"),
+        (
+            BASE + "[pools.p.limits]\nconcurrency = 0\n",
+            "Expected `int` >= 1 - at `pools.p.limits.concurrency`",
+        ),
         (BASE.replace("[pools.p]", "[pools.p]\ncolour = 1"), "unknown field `colour` - at `pools.p`"),
         (BASE.replace('kind = "fake"', 'kind = "llama"'), "at `providers.fake.kind`"),
-        (BASE.replace("[pools.p]", "[pools.Bad_Name]").replace("pools.p.", "pools.Bad_Name."), "Expected `str` matching regex"),
-        (BASE.replace('name = "d"', 'name = "d"\nreplicas = -1'), "Expected `int` >= 0 - at `pools.p.deployments[0].replicas`"),
+        (
+            BASE.replace("[pools.p]", "[pools.Bad_Name]").replace("pools.p.", "pools.Bad_Name."),
+            "Expected `str` matching regex",
+        ),
+        (
+            BASE.replace('name = "d"', 'name = "d"\nreplicas = -1'),
+            "Expected `int` >= 0 - at `pools.p.deployments[0].replicas`",
+        ),
     ],
 )
 def test_bad_config_names_file_field_and_problem(text: str, expected: str) -> None:

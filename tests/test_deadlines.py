@@ -16,13 +16,19 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_queue_timeout_answers_504_and_the_agent_skips_it(make_system) -> None:
     # Given one replica busy for ~2 s with one request
-    system: System = await make_system(replicas=1, concurrency=1, ttft_ms=2000, rescue_after_s=60,
-                                       drain_timeout_s=1)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url,
-                                                                                       timeout=30) as http:
+    system: System = await make_system(
+        replicas=1, concurrency=1, ttft_ms=2000, rescue_after_s=60, drain_timeout_s=1
+    )
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
         busy = asyncio.create_task(http.post("/v1/ask/p", json={"content": "slow", "thread_id": "busy"}))
-        await wait_until(lambda: system.workers["p-main-1"].info.in_flight or len(system.workers["p-main-1"]._tasks),
-                         10, "the first request in flight")
+        await wait_until(
+            lambda: system.workers["p-main-1"].info.in_flight or len(system.workers["p-main-1"]._tasks),
+            10,
+            "the first request in flight",
+        )
         # When a second request may wait only 0.3 s for an agent
         t0 = time.monotonic()
         r = await http.post("/v1/ask/p", json={"content": "hurry", "thread_id": "late", "max_wait_s": 0.3})
@@ -32,8 +38,11 @@ async def test_queue_timeout_answers_504_and_the_agent_skips_it(make_system) -> 
         assert time.monotonic() - t0 < 1.9
         assert (await busy).status_code == 200
         # and the agent skipped it when it got to it: no turn was written for the late thread
-        await wait_until(lambda: system.workers["p-main-1"].info.processed >= 1 and not system.workers["p-main-1"]._tasks,
-                         10, "the worker to get past the late request")
+        await wait_until(
+            lambda: system.workers["p-main-1"].info.processed >= 1 and not system.workers["p-main-1"]._tasks,
+            10,
+            "the worker to get past the late request",
+        )
         late = await system.client.redis.lrange(system.client.names.thread("default", "late"), 0, -1)
         assert late == []
 
@@ -41,7 +50,10 @@ async def test_queue_timeout_answers_504_and_the_agent_skips_it(make_system) -> 
 async def test_client_disconnect_cancels_generation(make_system) -> None:
     # Given a slow stream: 100 tokens at 20 tokens/s (5 s in all)
     system: System = await make_system(replicas=1, tokens_per_s=20, reply_tokens=100)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         chunks = 0
         rid = ""
         async with http.stream("POST", "/v1/ask/p", json={"content": "long story", "stream": True}) as r:

@@ -45,8 +45,11 @@ async def test_scale_1_4_1_under_load_answers_everything(make_system, tmp_path: 
     path, config = pools_file(tmp_path, replicas=1, max_depth=16)
     system: System = await make_system(config, start=False)
     client = system.client
-    async with supervisors(system.settings, path, config), running_gateway(system.settings, config) as url, \
-            httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with (
+        supervisors(system.settings, path, config),
+        running_gateway(system.settings, config) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
         await wait_ready(client, 1)
         first = {r.id for r in await ready(client)}
         load = Load(client)
@@ -70,8 +73,16 @@ async def test_scale_1_4_1_under_load_answers_everything(make_system, tmp_path: 
 
         # And scaled back to 1 with the CLI
         proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "agentpool", "scale", "p", "main", "1", env=subprocess_env(system.settings, path),
-            stdout=asyncio.subprocess.PIPE)
+            PYTHON,
+            "-m",
+            "agentpool",
+            "scale",
+            "p",
+            "main",
+            "1",
+            env=subprocess_env(system.settings, path),
+            stdout=asyncio.subprocess.PIPE,
+        )
         out, _ = await proc.communicate()
         assert proc.returncode == 0 and b"desired replicas = 1" in out
         await wait_until(lambda: _ready_is(http, 1), 20, "1 ready")
@@ -82,8 +93,10 @@ async def test_scale_1_4_1_under_load_answers_everything(make_system, tmp_path: 
         await asyncio.wait_for(lanes, 60)
 
     # Then every request was answered, none failed
-    print(f"\nscale 1->4->1: {len(load.answers)} requests; replicas {counts}; "
-          f"scale-up to first answer from a new replica {up_s * 1000:.0f} ms")
+    print(
+        f"\nscale 1->4->1: {len(load.answers)} requests; replicas {counts}; "
+        f"scale-up to first answer from a new replica {up_s * 1000:.0f} ms"
+    )
     assert not load.failures, [(e, getattr(e, "__notes__", None)) for e in load.failures[:3]]
     assert len(load.answers) == load.sent >= 200
     assert up_s < 3.0  # target 2 s; measured well below on an idle machine
@@ -147,8 +160,10 @@ async def test_sigkill_a_supervisor_the_other_takes_over(make_system, tmp_path: 
         assert len(holders) == 4 and all(int(v.split(":")[2]) == survivor.pid for v in holders.values())
         reply = await client.ask("p", "still there?", thread_id="after-failover")
         assert isinstance(reply, End)
-        print(f"\nfailover: {len(slots)} slot(s) of the killed supervisor back in {failover_s:.2f}s "
-              f"(lease TTL {leases.ttl_ms} ms)")
+        print(
+            f"\nfailover: {len(slots)} slot(s) of the killed supervisor back in {failover_s:.2f}s "
+            f"(lease TTL {leases.ttl_ms} ms)"
+        )
         assert failover_s < 8.0
     finally:
         for p in sups:
@@ -159,8 +174,11 @@ async def test_rolling_restart_under_load_keeps_capacity(make_system, tmp_path: 
     path, config = pools_file(tmp_path, replicas=3)
     system: System = await make_system(config, start=False)
     client = system.client
-    async with supervisors(system.settings, path, config), running_gateway(system.settings, config) as url, \
-            httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with (
+        supervisors(system.settings, path, config),
+        running_gateway(system.settings, config) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
         await wait_ready(client, 3)
         before = {r.id: r.started_at for r in await ready(client)}
         load = Load(client)
@@ -199,6 +217,7 @@ async def test_idle_pool_shrinks_to_zero_then_a_request_wakes_it(make_system, tm
     system: System = await make_system(config, start=False)
     client = system.client
     async with supervisors(system.settings, path, config):
+
         async def prewarmed() -> bool:  # pre-warmed at boot; kept in use until both are up
             await client.fleet.touch("p")
             return len(await ready(client)) == 2
@@ -219,8 +238,10 @@ async def test_idle_pool_shrinks_to_zero_then_a_request_wakes_it(make_system, tm
             return (await client.fleet.status("p")).cold_starts == 1
 
         await wait_until(counted, 5, "the cold start counted")
-        print(f"\nwake from zero: answered in {woke_s * 1000:.0f} ms (cold_start_ms "
-              f"{reply.timings.cold_start_ms:.0f})")
+        print(
+            f"\nwake from zero: answered in {woke_s * 1000:.0f} ms (cold_start_ms "
+            f"{reply.timings.cold_start_ms:.0f})"
+        )
         await wait_ready(client, 2)  # the whole deployment comes back while it is used
 
 
@@ -252,6 +273,7 @@ async def test_per_tenant_pools_are_made_lazily_and_capped(make_system, tmp_path
     made: list[str] = []
     try:
         async with supervisors(system.settings, path, config):
+
             async def prewarmed() -> bool:  # made and pre-warmed at boot; kept in use until it is up
                 await client.fleet.touch("t--pre")
                 return len(await ready(client, "t--pre")) == 1
@@ -311,8 +333,11 @@ async def test_replica_auto_claims_unique_slots(make_system, tmp_path: Path) -> 
 async def test_status_api_and_cli_agree(make_system, tmp_path: Path) -> None:
     path, config = pools_file(tmp_path, replicas=2)
     system: System = await make_system(config, start=False)
-    async with supervisors(system.settings, path, config), running_gateway(system.settings, config) as url, \
-            httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with (
+        supervisors(system.settings, path, config),
+        running_gateway(system.settings, config) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
         await wait_ready(system.client, 2)
         await system.client.ask("p", "count me", thread_id="s-1")
         pools = (await http.get("/v1/pools")).json()["pools"]
@@ -320,16 +345,30 @@ async def test_status_api_and_cli_agree(make_system, tmp_path: Path) -> None:
         assert pools[0]["deployments"][0] | {"ready": 2, "desired": 2} == pools[0]["deployments"][0]
         detail = await pool_json(http)
         assert {r["id"] for r in detail["replicas"]} == {"p-main-1", "p-main-2"}  # type: ignore[index]
-        assert set(detail["replicas"][0]) >= {"status", "depth", "in_flight", "processed", "errors",  # type: ignore[index]
-                                              "avg_latency_ms", "started_at", "last_heartbeat"}
+        assert set(detail["replicas"][0]) >= {
+            "status",
+            "depth",
+            "in_flight",
+            "processed",
+            "errors",  # type: ignore[index]
+            "avg_latency_ms",
+            "started_at",
+            "last_heartbeat",
+        }
         health = (await http.get("/v1/health")).json()
         assert health["total_pools"] == 1 and health["healthy_pools"] == 1
         assert (await http.get("/v1/pools/nope")).json()["error_code"] == "POOL_NOT_FOUND"
         bad = await http.put("/v1/pools/p/deployments/main", json={"replicas": -1})
         assert bad.status_code == 400 and bad.json()["error_code"] == "VALIDATION_ERROR"
         proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "agentpool", "status", "p", env=subprocess_env(system.settings, path),
-            stdout=asyncio.subprocess.PIPE)
+            PYTHON,
+            "-m",
+            "agentpool",
+            "status",
+            "p",
+            env=subprocess_env(system.settings, path),
+            stdout=asyncio.subprocess.PIPE,
+        )
         out = (await proc.communicate())[0].decode()
         assert proc.returncode == 0
         assert "healthy" in out and "p-main-1" in out and "p-main-2" in out and "2/2" in out, out

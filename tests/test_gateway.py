@@ -26,11 +26,22 @@ def parse_sse(text: str) -> list[dict[str, str]]:
 
 async def test_json_answer(make_system) -> None:
     system: System = await make_system(replicas=2)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         r = await http.post("/v1/ask/p", json={"content": "hello"})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) >= {"request_id", "thread_id", "agent_id", "content", "usage", "timings", "created_at"}
+        assert set(body) >= {
+            "request_id",
+            "thread_id",
+            "agent_id",
+            "content",
+            "usage",
+            "timings",
+            "created_at",
+        }
         assert body["content"].startswith("[0 earlier] Re: hello")
         assert r.headers["x-request-id"] == body["request_id"]
         # the answer stays readable by id
@@ -40,8 +51,13 @@ async def test_json_answer(make_system) -> None:
 
 async def test_sse_streams_chunks_with_stream_ids(make_system) -> None:
     system: System = await make_system(replicas=1, tokens_per_s=500, reply_tokens=20)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
-        r = await http.post("/v1/ask/p", json={"content": "stream me"}, headers={"Accept": "text/event-stream"})
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        r = await http.post(
+            "/v1/ask/p", json={"content": "stream me"}, headers={"Accept": "text/event-stream"}
+        )
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-accel-buffering"] == "no"
@@ -57,7 +73,10 @@ async def test_sse_streams_chunks_with_stream_ids(make_system) -> None:
 
 async def test_health_and_readiness(make_system) -> None:
     system: System = await make_system(replicas=1)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
         assert ready.status_code == 200
@@ -73,12 +92,35 @@ BAD_REQUESTS = [
     ("content not a string", "/v1/ask/p", {"json": {"content": 5}}, 400, "VALIDATION_ERROR"),
     ("empty content", "/v1/ask/p", {"json": {"content": ""}}, 400, "VALIDATION_ERROR"),
     ("content too long", "/v1/ask/p", {"json": {"content": "x" * 10_001}}, 400, "VALIDATION_ERROR"),
-    ("bad thread id", "/v1/ask/p", {"json": {"content": "hi", "thread_id": "a b/c"}}, 400, "VALIDATION_ERROR"),
+    (
+        "bad thread id",
+        "/v1/ask/p",
+        {"json": {"content": "hi", "thread_id": "a b/c"}},
+        400,
+        "VALIDATION_ERROR",
+    ),
     ("unknown field", "/v1/ask/p", {"json": {"content": "hi", "colour": "red"}}, 400, "VALIDATION_ERROR"),
-    ("negative max_wait_s", "/v1/ask/p", {"json": {"content": "hi", "max_wait_s": -1}}, 400, "VALIDATION_ERROR"),
-    ("bad variable name", "/v1/ask/p", {"json": {"content": "hi", "context_variables": {"lower": "x"}}}, 400,
-     "VALIDATION_ERROR"),
-    ("oversized body", "/v1/ask/p", {"content": b'{"content":"' + b"x" * 300_000 + b'"}'}, 413, "PAYLOAD_TOO_LARGE"),
+    (
+        "negative max_wait_s",
+        "/v1/ask/p",
+        {"json": {"content": "hi", "max_wait_s": -1}},
+        400,
+        "VALIDATION_ERROR",
+    ),
+    (
+        "bad variable name",
+        "/v1/ask/p",
+        {"json": {"content": "hi", "context_variables": {"lower": "x"}}},
+        400,
+        "VALIDATION_ERROR",
+    ),
+    (
+        "oversized body",
+        "/v1/ask/p",
+        {"content": b'{"content":"' + b"x" * 300_000 + b'"}'},
+        413,
+        "PAYLOAD_TOO_LARGE",
+    ),
     ("invalid utf-8", "/v1/ask/p", {"content": b'{"content":"\xff\xfe"}'}, 400, "INVALID_JSON"),
     ("unknown pool", "/v1/ask/nope", {"json": {"content": "hi"}}, 404, "POOL_NOT_FOUND"),
     ("unknown route", "/v2/whatever", {"json": {}}, 404, "NOT_FOUND"),
@@ -87,7 +129,10 @@ BAD_REQUESTS = [
 
 async def test_bad_input_gets_clear_4xx_and_nothing_breaks(make_system) -> None:
     system: System = await make_system(replicas=1)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         for what, path, kwargs, status, code in BAD_REQUESTS:
             r = await http.post(path, headers={"content-type": "application/json"}, **kwargs)
             assert r.status_code == status, (what, r.status_code, r.text)

@@ -21,10 +21,28 @@ async def spawn_worker(system: System, tmp_path: Path, n: int = 1) -> asyncio.su
     if not cfg.exists():
         from tests.conftest import EXAMPLE
 
-        cfg.write_text(EXAMPLE.format(pool="p", concurrency=4, sticky_depth=3, max_depth=10,
-                                      rescue_after_s=5, max_attempts=3, **SLOW))
+        cfg.write_text(
+            EXAMPLE.format(
+                pool="p",
+                concurrency=4,
+                sticky_depth=3,
+                max_depth=10,
+                rescue_after_s=5,
+                max_attempts=3,
+                **SLOW,
+            )
+        )
     proc = await asyncio.create_subprocess_exec(
-        PYTHON, "-m", "agentpool", "worker", "--pool", "p", "--deployment", "main", "--replica", str(n),
+        PYTHON,
+        "-m",
+        "agentpool",
+        "worker",
+        "--pool",
+        "p",
+        "--deployment",
+        "main",
+        "--replica",
+        str(n),
         env=subprocess_env(system.settings, cfg),
     )
 

@@ -92,12 +92,14 @@ async def scrape(url: str) -> Samples:
     return parse(r.text)
 
 
-def pools_file(tmp_path: Path, tag: str, slow_concurrency: int = 1,
-               slow_max_depth: int = 2) -> tuple[Path, Any, str, str]:
+def pools_file(
+    tmp_path: Path, tag: str, slow_concurrency: int = 1, slow_max_depth: int = 2
+) -> tuple[Path, Any, str, str]:
     """A quick pool and a slow one, named uniquely per test (this process's registry outlives tests)."""
     fast, slow = f"fast{tag}-{RUN}", f"slow{tag}-{RUN}"
-    text = POOLS.format(fast=fast, slow=slow, slow_concurrency=slow_concurrency,
-                        slow_max_depth=slow_max_depth)
+    text = POOLS.format(
+        fast=fast, slow=slow, slow_concurrency=slow_concurrency, slow_max_depth=slow_max_depth
+    )
     path = tmp_path / "pools.toml"
     path.write_text(text)
     return path, parse_config(text, str(path)), fast, slow
@@ -106,8 +108,9 @@ def pools_file(tmp_path: Path, tag: str, slow_concurrency: int = 1,
 @contextlib.asynccontextmanager
 async def supervised(system: System, path: Path) -> AsyncIterator[Supervisor]:
     """A supervisor in this loop with its metrics endpoint on a free loopback port; all replicas ready."""
-    sup = Supervisor(replace(system.settings, config_path=str(path)), system.config,
-                     metrics=FleetMetrics(0, "127.0.0.1"))
+    sup = Supervisor(
+        replace(system.settings, config_path=str(path)), system.config, metrics=FleetMetrics(0, "127.0.0.1")
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(sup.async_run(stop))
     want = sum(d.replicas for p in system.config.pools.values() for d in p.deployments)
@@ -139,7 +142,7 @@ async def ask_fast(http: httpx.AsyncClient, pool: str, i: int) -> tuple[str, dic
         return r.headers["x-routing-tier"], r.json()["usage"]
     r = await http.post(f"/v1/ask/{pool}", json={"content": f"hello {i}", "stream": True})
     assert r.status_code == 200, r.text
-    end = [line for line in r.text.splitlines() if line.startswith("data: {\"type\":\"end\"")]
+    end = [line for line in r.text.splitlines() if line.startswith('data: {"type":"end"')]
     assert len(end) == 1, r.text
     return r.headers["x-routing-tier"], json.loads(end[0][6:])["usage"]
 
@@ -154,8 +157,11 @@ async def read_until(lines: AsyncIterator[str], prefix: str) -> None:
 async def test_counts_match_a_known_workload(make_system, tmp_path: Path) -> None:
     path, config, fast, slow = pools_file(tmp_path, "a")
     system: System = await make_system(config, start=False)
-    async with supervised(system, path) as sup, running_gateway(system.settings, config) as url, \
-            httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with (
+        supervised(system, path) as sup,
+        running_gateway(system.settings, config) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
         sse_before = total(await scrape(f"{url}/metrics"), "agentpool_gateway_sse_streams_open")
         # Given 50 answered requests to the quick pool, 10 at a time
         gate = asyncio.Semaphore(10)
@@ -281,8 +287,11 @@ async def test_log_lines_and_start_event_carry_trace(make_system, caplog: pytest
     trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     caplog.set_level(logging.DEBUG, logger="agentpool.worker")
     async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as h:
-        r = await h.post("/v1/ask/p", json={"content": "secret-ish words", "thread_id": "trace-1",
-                                            "stream": True}, headers={"traceparent": trace})
+        r = await h.post(
+            "/v1/ask/p",
+            json={"content": "secret-ish words", "thread_id": "trace-1", "stream": True},
+            headers={"traceparent": trace},
+        )
         assert r.status_code == 200, r.text
     lines = r.text.splitlines()
     start = next(json.loads(line[6:]) for line in lines if line.startswith('data: {"type":"start"'))
@@ -321,8 +330,21 @@ async def test_metrics_can_be_switched_off() -> None:
 
 
 # --- dashboards and alerts name metrics that exist
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-             "unless", "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_metrics(expr: str) -> set[str]:
@@ -333,7 +355,7 @@ def promql_metrics(expr: str) -> set[str]:
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)  # label lists
     names = set()
     for m in re.finditer(r"(?<![\w.$])[A-Za-z_:][\w:]*", expr):
-        if m.group().lower() in _KEYWORDS or expr[m.end():].lstrip().startswith("("):
+        if m.group().lower() in _KEYWORDS or expr[m.end() :].lstrip().startswith("("):
             continue
         names.add(m.group())
     return names
@@ -347,8 +369,10 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
 
 
 def test_promql_parser_finds_metric_names() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le, pool) (rate(agentpool_x_bucket{pool=~"$pool", le!="1"}'
-            '[$__rate_interval]))) / on (pool) group_left sum(agentpool_y) > bool 0 or vector(1)')
+    expr = (
+        'histogram_quantile(0.99, sum by (le, pool) (rate(agentpool_x_bucket{pool=~"$pool", le!="1"}'
+        "[$__rate_interval]))) / on (pool) group_left sum(agentpool_y) > bool 0 or vector(1)"
+    )
     assert promql_metrics(expr) == {"agentpool_x_bucket", "agentpool_y"}
 
 
@@ -385,10 +409,13 @@ def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path: Path) -> 
         assert done.returncode == 0, done.stdout + done.stderr
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/agentpool.json").read_text())
     grafana = {"$__rate_interval": "5m", "$pool": ".*"}
-    rules = [{"record": f"dashboard:query{i}", "expr": re.sub(r"\$\w+", lambda m: grafana[m.group()], e)}
-             for i, e in enumerate(dashboard_queries(dashboard))]
+    rules = [
+        {"record": f"dashboard:query{i}", "expr": re.sub(r"\$\w+", lambda m: grafana[m.group()], e)}
+        for i, e in enumerate(dashboard_queries(dashboard))
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,8 +14,18 @@ from tests.conftest import EXAMPLE, System, free_port, make_config, subprocess_e
 
 pytestmark = pytest.mark.timeout(120)
 
-PARAMS = dict(pool="p", replicas=3, concurrency=4, sticky_depth=3, max_depth=10, ttft_ms=0, tokens_per_s=0,
-              reply_tokens=8, rescue_after_s=5, max_attempts=3)
+PARAMS = dict(
+    pool="p",
+    replicas=3,
+    concurrency=4,
+    sticky_depth=3,
+    max_depth=10,
+    ttft_ms=0,
+    tokens_per_s=0,
+    reply_tokens=8,
+    rescue_after_s=5,
+    max_attempts=3,
+)
 
 
 async def test_two_gateway_processes_keep_threads_sticky(make_system, tmp_path: Path) -> None:
@@ -24,10 +34,15 @@ async def test_two_gateway_processes_keep_threads_sticky(make_system, tmp_path: 
     system: System = await make_system(make_config(**{k: v for k, v in PARAMS.items() if k != "pool"}))
     env = {**subprocess_env(system.settings, path), "AGENTPOOL_LOG_LEVEL": "WARNING"}
     ports = [free_port(), free_port()]
-    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "agentpool", "gateway", "--host",
-                                                  "127.0.0.1", "--port", str(p), env=env) for p in ports]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentpool", "gateway", "--host", "127.0.0.1", "--port", str(p), env=env
+        )
+        for p in ports
+    ]
     try:
         async with httpx.AsyncClient(timeout=30) as http:
+
             async def up() -> bool:
                 try:
                     codes = [(await http.get(f"http://127.0.0.1:{p}/readyz")).status_code for p in ports]
@@ -43,8 +58,9 @@ async def test_two_gateway_processes_keep_threads_sticky(make_system, tmp_path: 
                 for k in range(5):
                     for t in threads:
                         port = ports[(k + hash(t)) % 2]  # alternate gateways message by message
-                        r = await http.post(f"http://127.0.0.1:{port}/v1/ask/p",
-                                            json={"content": f"m{k}", "thread_id": t})
+                        r = await http.post(
+                            f"http://127.0.0.1:{port}/v1/ask/p", json={"content": f"m{k}", "thread_id": t}
+                        )
                         assert r.status_code == 200, r.text
                         placed[t].append(r.json()["agent_id"])
 
@@ -63,5 +79,3 @@ async def test_two_gateway_processes_keep_threads_sticky(make_system, tmp_path: 
             p.terminate()
         for p in procs:
             await asyncio.wait_for(p.wait(), 20)
-
-

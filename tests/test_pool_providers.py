@@ -65,8 +65,12 @@ async def test_both_sdks_stream_with_usage_and_history(make_system, monkeypatch)
         by_agent: dict[str, list[str]] = collections.defaultdict(list)
         # Threads spread over both deployments (weighted rendezvous, 50/50)
         for i in range(12):
-            events = [e async for e in client.stream("mix", "hello there", thread_id=f"mix-{i}",
-                                                     context_variables={"PRODUCT": "agentpool"})]
+            events = [
+                e
+                async for e in client.stream(
+                    "mix", "hello there", thread_id=f"mix-{i}", context_variables={"PRODUCT": "agentpool"}
+                )
+            ]
             end = events[-1]
             assert isinstance(end, End), end
             chunks = [e for e in events if isinstance(e, Chunk)]
@@ -78,8 +82,9 @@ async def test_both_sdks_stream_with_usage_and_history(make_system, monkeypatch)
         # History from earlier turns reaches each provider, in its own format
         async with httpx.AsyncClient(base_url=fake.url) as http:
             for agent, threads in by_agent.items():
-                second = await client.ask("mix", "and again?", thread_id=threads[0],
-                                          context_variables={"PRODUCT": "agentpool"})
+                second = await client.ask(
+                    "mix", "and again?", thread_id=threads[0], context_variables={"PRODUCT": "agentpool"}
+                )
                 assert second.agent_id == agent
                 assert second.content.startswith("[2 earlier]")
                 stats = (await http.get("/_fake/stats")).json()
@@ -101,8 +106,11 @@ async def test_bad_key_marks_the_replica_unhealthy_and_it_gets_no_traffic(make_s
         system: System = await make_system(config, start=False)
         await system.start_worker("mix", "oa", 1)
         bad = await system.start_worker("mix", "an", 1, wait=False)
-        await wait_until(lambda: bad.info.status == "unhealthy", 15, "the bad-key replica to report unhealthy")
+        await wait_until(
+            lambda: bad.info.status == "unhealthy", 15, "the bad-key replica to report unhealthy"
+        )
         assert "auth" in bad.info.detail.lower() or "401" in bad.info.detail
+
         async def only_healthy_routed() -> bool:
             await system.client.refresh_membership()
             return [r.id for r in system.client.router.members("mix")] == ["mix-oa-1"]

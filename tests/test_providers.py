@@ -124,8 +124,9 @@ async def test_streams_text_in_pieces_and_reports_usage(make_provider: MakeProvi
 
     assert len(chunks) > 1
     assert "".join(chunks) == expected_text(p)
-    assert usage == Usage(input_tokens=count_tokens(SYSTEM) + count_tokens(p.messages[0].content),
-                          output_tokens=REPLY_TOKENS)
+    assert usage == Usage(
+        input_tokens=count_tokens(SYSTEM) + count_tokens(p.messages[0].content), output_tokens=REPLY_TOKENS
+    )
 
 
 @pytest.mark.timeout(10)
@@ -334,10 +335,12 @@ async def test_fake_server_answers_plain_json_and_refuses_unknown_faults(
     headers = {"authorization": f"Bearer {KEY}"}
     body = {"model": "fake-1", "messages": [{"role": "user", "content": "plain please"}]}
 
-    chat = await control.post("/v1/chat/completions", json=body,
-                              headers={**headers, "x-fake-reply-tokens": "6"})
-    message = await control.post("/v1/messages", json={**body, "system": SYSTEM, "max_tokens": 3},
-                                 headers={"x-api-key": KEY})
+    chat = await control.post(
+        "/v1/chat/completions", json=body, headers={**headers, "x-fake-reply-tokens": "6"}
+    )
+    message = await control.post(
+        "/v1/messages", json={**body, "system": SYSTEM, "max_tokens": 3}, headers={"x-api-key": KEY}
+    )
     bad = await control.post("/_fake/faults", json={"faults": ["meteor"]})
 
     no_system = Prompt(system="", messages=p.messages)

@@ -21,8 +21,19 @@ from tests.conftest import System, running_gateway, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
-REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
-               "--appendonly", "no"]
+REDIS_START = [
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+]
 
 
 def _local(settings_url: str, binary: str) -> None:
@@ -49,11 +60,15 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
     outcomes: Counter[str] = Counter()
     stop = asyncio.Event()
     load = asyncio.create_task(light_load(system, stop, outcomes))
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         await wait_until(lambda: outcomes["ok"] >= 10, 30, "load running")
         stop_cmd, start_cmd = restart
         subprocess.run(stop_cmd, capture_output=True, timeout=120)
         try:
+
             async def not_ready() -> bool:
                 r = await http.get("/readyz")
                 return r.status_code == 503 and r.json()["dependencies"][ready_key] is False
@@ -70,15 +85,25 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
         await wait_until(ready, 60, "readyz after the restart")
         before = outcomes["ok"]
         await wait_until(lambda: outcomes["ok"] >= before + 10, 60, "requests succeeding after the restart")
-        print(f"\nback to serving {time.monotonic() - t_back:.1f}s after the restart; outcomes {dict(outcomes)}")
+        print(
+            f"\nback to serving {time.monotonic() - t_back:.1f}s after the restart; outcomes {dict(outcomes)}"
+        )
         # New requests succeed through the gateway too, with no process restarted
         r = await http.post("/v1/ask/p", json={"content": "after restart"})
         assert r.status_code == 200, r.text
     stop.set()
     await asyncio.wait_for(load, 40)
     # Every request ended: answered, or a clear error code (never a hang or a bare exception)
-    assert set(outcomes) <= {"ok", "BROKER_UNAVAILABLE", "REDIS_UNAVAILABLE", "REQUEST_FAILED", "PROVIDER_UNAVAILABLE",
-                             "INTERNAL", "REPLY_TIMEOUT", "QUEUE_TIMEOUT"}, outcomes
+    assert set(outcomes) <= {
+        "ok",
+        "BROKER_UNAVAILABLE",
+        "REDIS_UNAVAILABLE",
+        "REQUEST_FAILED",
+        "PROVIDER_UNAVAILABLE",
+        "INTERNAL",
+        "REPLY_TIMEOUT",
+        "QUEUE_TIMEOUT",
+    }, outcomes
     return outcomes
 
 
@@ -86,7 +111,8 @@ async def test_rabbitmq_restart(make_system) -> None:
     system: System = await make_system(replicas=2, ttft_ms=5, tokens_per_s=500, reply_tokens=10)
     _local(system.settings.amqp_url, "rabbitmqctl")
     outcomes = await _restart_under_load(
-        system, [["rabbitmqctl", "stop_app"], ["rabbitmqctl", "start_app"]], "rabbitmq")
+        system, [["rabbitmqctl", "stop_app"], ["rabbitmqctl", "start_app"]], "rabbitmq"
+    )
     assert outcomes["ok"] >= 20
 
 
@@ -94,5 +120,6 @@ async def test_redis_restart(make_system) -> None:
     system: System = await make_system(replicas=2, ttft_ms=5, tokens_per_s=500, reply_tokens=10)
     _local(system.settings.redis_url, "redis-server")
     outcomes = await _restart_under_load(
-        system, [["redis-cli", "-p", "6379", "shutdown", "nosave"], REDIS_START], "redis")
+        system, [["redis-cli", "-p", "6379", "shutdown", "nosave"], REDIS_START], "redis"
+    )
     assert outcomes["ok"] >= 20

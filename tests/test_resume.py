@@ -31,7 +31,9 @@ async def test_resume_on_another_gateway_with_last_event_id(make_system) -> None
                     break  # the connection to gateway A drops
         last_id = seen[-1]["id"]
         # Reconnect to gateway B with Last-Event-ID: the stream continues from the next event
-        r2 = await b.get(f"/v1/requests/{rid}", headers={"Accept": "text/event-stream", "Last-Event-ID": last_id})
+        r2 = await b.get(
+            f"/v1/requests/{rid}", headers={"Accept": "text/event-stream", "Last-Event-ID": last_id}
+        )
         rest = parse_sse(r2.text)
         assert rest[0]["id"] > last_id or rest[0]["id"] != last_id
         assert rest[-1]["event"] in ("end", "error")
@@ -46,8 +48,10 @@ async def test_resume_on_another_gateway_with_last_event_id(make_system) -> None
 
 async def test_get_request_returns_result_or_running(make_system) -> None:
     system: System = await make_system(replicas=1, ttft_ms=1500)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url,
-                                                                                       timeout=20) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
         async with http.stream("POST", "/v1/ask/p", json={"content": "background job", "stream": True}) as r:
             rid = r.headers["x-request-id"]
             checked = False

@@ -15,8 +15,15 @@ from tests.conftest import System, running_gateway
 pytestmark = pytest.mark.timeout(90)
 
 # Three replicas that each hold one request "forever" (60 s to the first token).
-FLOOD = dict(replicas=3, concurrency=1, sticky_depth=3, max_depth=10, ttft_ms=60_000, rescue_after_s=120,
-             drain_timeout_s=1)
+FLOOD = dict(
+    replicas=3,
+    concurrency=1,
+    sticky_depth=3,
+    max_depth=10,
+    ttft_ms=60_000,
+    rescue_after_s=120,
+    drain_timeout_s=1,
+)
 
 
 async def test_flood_walks_every_tier_then_rejects(make_system) -> None:
@@ -58,7 +65,10 @@ async def test_flood_walks_every_tier_then_rejects(make_system) -> None:
         await other.aclose()
 
     # Over HTTP the same answer is a 503 with Retry-After and the error body.
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         r = await http.post("/v1/ask/p", json={"content": "one more"})
         assert r.status_code == 503
         assert int(r.headers["retry-after"]) >= 1

@@ -281,8 +281,13 @@ class Api:
 class OpenAIApi(Api):
     name = "openai"
     id_prefix = "chatcmpl-fake"
-    error_types = {400: "invalid_request_error", 401: "invalid_request_error", 429: "requests",
-                   500: "server_error", 504: "timeout"}
+    error_types = {
+        400: "invalid_request_error",
+        401: "invalid_request_error",
+        429: "requests",
+        500: "server_error",
+        504: "timeout",
+    }
 
     def parse(self, request: Request, body: Any) -> Call:
         raw = body.get("messages")
@@ -307,8 +312,11 @@ class OpenAIApi(Api):
 
     def _usage(self, reply: Reply) -> dict[str, int]:
         out = len(reply.tokens)
-        return {"prompt_tokens": reply.input_tokens, "completion_tokens": out,
-                "total_tokens": reply.input_tokens + out}
+        return {
+            "prompt_tokens": reply.input_tokens,
+            "completion_tokens": out,
+            "total_tokens": reply.input_tokens + out,
+        }
 
     def _finish(self, reply: Reply) -> str:
         return "length" if reply.truncated else "stop"
@@ -316,12 +324,24 @@ class OpenAIApi(Api):
     def complete(self, call: Call, reply: Reply) -> dict[str, Any]:
         message = {"role": "assistant", "content": reply.text, "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(reply)}
-        return {"id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
-                "choices": [choice], "usage": self._usage(reply)}
+        return {
+            "id": reply.id,
+            "object": "chat.completion",
+            "created": reply.created,
+            "model": reply.model,
+            "choices": [choice],
+            "usage": self._usage(reply),
+        }
 
     def _chunk(self, call: Call, reply: Reply, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
-                 "model": reply.model, "system_fingerprint": None, "choices": choices}
+        chunk = {
+            "id": reply.id,
+            "object": "chat.completion.chunk",
+            "created": reply.created,
+            "model": reply.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
         if call.include_usage:
             chunk["usage"] = None
         return _sse(chunk | extra)
@@ -349,8 +369,13 @@ class OpenAIApi(Api):
 class AnthropicApi(Api):
     name = "anthropic"
     id_prefix = "msg_fake"
-    error_types = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
-                   500: "api_error", 504: "timeout_error"}
+    error_types = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        429: "rate_limit_error",
+        500: "api_error",
+        504: "timeout_error",
+    }
     NO_SAMPLING_SINCE = "2026-10-21"  # the API version that refuses temperature/top_p/top_k
 
     def authorized(self, request: Request, api_key: str) -> bool:
@@ -376,9 +401,16 @@ class AnthropicApi(Api):
         return {"type": "error", "error": {"type": kind, "message": message}}
 
     def _message(self, reply: Reply, content: list[Any], stop: str | None, out: int) -> dict[str, Any]:
-        return {"id": reply.id, "type": "message", "role": "assistant", "model": reply.model,
-                "content": content, "stop_reason": stop, "stop_sequence": None,
-                "usage": {"input_tokens": reply.input_tokens, "output_tokens": out}}
+        return {
+            "id": reply.id,
+            "type": "message",
+            "role": "assistant",
+            "model": reply.model,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": reply.input_tokens, "output_tokens": out},
+        }
 
     def _stop(self, reply: Reply) -> str:
         return "max_tokens" if reply.truncated else "end_turn"
@@ -390,22 +422,31 @@ class AnthropicApi(Api):
     def sse_head(self, call: Call, reply: Reply) -> bytes:
         start = {"type": "message_start", "message": self._message(reply, [], None, 1)}
         block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-        return (_sse(start, "message_start") + _sse(block, "content_block_start")
-                + _sse({"type": "ping"}, "ping"))
+        return (
+            _sse(start, "message_start") + _sse(block, "content_block_start") + _sse({"type": "ping"}, "ping")
+        )
 
     def sse_delta(self, call: Call, reply: Reply, text: str) -> bytes:
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
         return _sse(delta, "content_block_delta")
 
     def sse_tail(self, call: Call, reply: Reply) -> bytes:
-        delta = {"type": "message_delta", "delta": {"stop_reason": self._stop(reply), "stop_sequence": None},
-                 "usage": {"output_tokens": len(reply.tokens)}}
-        return (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-                + _sse(delta, "message_delta") + _sse({"type": "message_stop"}, "message_stop"))
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": self._stop(reply), "stop_sequence": None},
+            "usage": {"output_tokens": len(reply.tokens)},
+        }
+        return (
+            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            + _sse(delta, "message_delta")
+            + _sse({"type": "message_stop"}, "message_stop")
+        )
 
     def models(self) -> dict[str, Any]:
-        data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-                for m in MODELS]
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
+            for m in MODELS
+        ]
         return {"data": data, "has_more": False, "first_id": MODELS[0], "last_id": MODELS[-1]}
 
 
@@ -568,14 +609,16 @@ def _ok(data: Any) -> Response:
 
 def build_app(fake: FakeLLM | None = None) -> Starlette:
     """The ASGI app; ``app.state.fake`` is its :class:`FakeLLM` (settings, fault script, stats)."""
-    app = Starlette(routes=[
-        Route("/v1/chat/completions", openai_chat, methods=["POST"]),
-        Route("/v1/messages", anthropic_messages, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/_fake/faults", post_faults, methods=["POST"]),
-        Route("/_fake/stats", get_stats, methods=["GET"]),
-        Route("/_fake/reset", post_reset, methods=["POST"]),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", openai_chat, methods=["POST"]),
+            Route("/v1/messages", anthropic_messages, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/_fake/faults", post_faults, methods=["POST"]),
+            Route("/_fake/stats", get_stats, methods=["GET"]),
+            Route("/_fake/reset", post_reset, methods=["POST"]),
+        ]
+    )
     app.state.fake = fake or FakeLLM(FakeLLMSettings())
     return app
 
@@ -595,8 +638,14 @@ def _quiet_drops() -> None:
 
 def _uvicorn_config(app: Starlette, host: str, port: int, **kw: Any) -> uvicorn.Config:
     return uvicorn.Config(
-        app, host=host, port=port, lifespan="off", ws="none", access_log=False,
-        timeout_graceful_shutdown=5, **kw,
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        ws="none",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **kw,
     )
 
 
@@ -694,7 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fake-llm: {e}", file=sys.stderr)
         return 2
     settings = FakeLLMSettings(
-        ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, reply_tokens=args.reply_tokens,
+        ttft_ms=args.ttft_ms,
+        tokens_per_s=args.tokens_per_s,
+        reply_tokens=args.reply_tokens,
         api_key=args.api_key or None,
     )
     serve(args.host, args.port, settings)

@@ -72,7 +72,11 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
 
 
 async def _generate(
-    worker: Worker, req: Request, attempt: int, history: list[Message], thread_key: str,
+    worker: Worker,
+    req: Request,
+    attempt: int,
+    history: list[Message],
+    thread_key: str,
     queue_wait_ms: float,
 ) -> Outcome:
     t0 = time.monotonic()
@@ -139,8 +143,12 @@ async def _generate(
 
 def log_fields(worker: Worker, req: Request) -> dict[str, str]:
     """What every log line about ``req`` carries (``extra=``): ids and the trace context, never content."""
-    fields = {"request_id": req.request_id, "thread_id": req.thread_id, "pool": req.pool,
-              "replica": worker.replica_id}
+    fields = {
+        "request_id": req.request_id,
+        "thread_id": req.thread_id,
+        "pool": req.pool,
+        "replica": worker.replica_id,
+    }
     if req.traceparent:
         fields["traceparent"] = req.traceparent
     return fields

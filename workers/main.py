@@ -39,8 +39,13 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 def run_worker(
-    settings: Settings, config: Config, pool: str, deployment: str, n: int | None,
-    drain_timeout_s: float = DRAIN_TIMEOUT_S, metrics_port: int | None = None,
+    settings: Settings,
+    config: Config,
+    pool: str,
+    deployment: str,
+    n: int | None,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    metrics_port: int | None = None,
 ) -> int:
     async def main() -> None:
         stop = asyncio.Event()

@@ -57,17 +57,29 @@ class Replica:
 def worker_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
     """The child's environment: our settings, and our pid so an orphaned worker drains itself."""
     return {
-        **os.environ, "AGENTPOOL_CONFIG": settings.config_path, "AGENTPOOL_NAMESPACE": settings.namespace,
-        "AGENTPOOL_AMQP_URL": settings.amqp_url, "AGENTPOOL_REDIS_URL": settings.redis_url,
-        "AGENTPOOL_PARENT_PID": str(os.getpid()), **extra,
+        **os.environ,
+        "AGENTPOOL_CONFIG": settings.config_path,
+        "AGENTPOOL_NAMESPACE": settings.namespace,
+        "AGENTPOOL_AMQP_URL": settings.amqp_url,
+        "AGENTPOOL_REDIS_URL": settings.redis_url,
+        "AGENTPOOL_PARENT_PID": str(os.getpid()),
+        **extra,
     }
 
 
 async def spawn(r: Replica, env: dict[str, str]) -> None:
     try:
         r.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agentpool", "worker",
-            "--pool", r.pool, "--deployment", r.deployment, "--replica", str(r.n),
+            sys.executable,
+            "-m",
+            "agentpool",
+            "worker",
+            "--pool",
+            r.pool,
+            "--deployment",
+            r.deployment,
+            "--replica",
+            str(r.n),
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only; it drains them
         )

@@ -40,9 +40,15 @@ class ReplicaMetrics:
         if self.m is not None:
             pd, m = self.labels, self.m
             self.b = _Bound(
-                m.in_flight.labels(*pd), m.queue_ready.labels(*pd), m.duration.labels(*pd),
-                m.queue_wait.labels(*pd), m.ttft.labels(*pd), m.tokens_in.labels(*pd, provider, model),
-                m.tokens_out.labels(*pd, provider, model), m.redeliveries.labels(*pd), m.rescues.labels(*pd),
+                m.in_flight.labels(*pd),
+                m.queue_ready.labels(*pd),
+                m.duration.labels(*pd),
+                m.queue_wait.labels(*pd),
+                m.ttft.labels(*pd),
+                m.tokens_in.labels(*pd, provider, model),
+                m.tokens_out.labels(*pd, provider, model),
+                m.redeliveries.labels(*pd),
+                m.rescues.labels(*pd),
             )
 
     def warmed(self, warmup_ms: float) -> None:

@@ -39,8 +39,11 @@ def lock_name(pool: str) -> str:
 
 def stale(sup: Supervisor, snap: PoolSnapshot) -> list[Replica]:
     """Our running replicas of the pool started before its current restart generation."""
-    return [r for r in sup.replicas.values()
-            if r.pool == snap.name and not r.stopping and r.generation < snap.restart_generation]
+    return [
+        r
+        for r in sup.replicas.values()
+        if r.pool == snap.name and not r.stopping and r.generation < snap.restart_generation
+    ]
 
 
 async def advance(sup: Supervisor, snap: PoolSnapshot) -> None:

@@ -62,8 +62,13 @@ class Worker:
         self.registry = Registry(self.redis, self.names)
         self.provider = build_provider(self.provider_config, self.agent_type)
         self.info = ReplicaInfo(
-            id=self.replica_id, pool=pool, deployment=deployment, started_at=time.time(),
-            pid=os.getpid(), host=socket.gethostname(), provider=self.provider_config.kind,
+            id=self.replica_id,
+            pool=pool,
+            deployment=deployment,
+            started_at=time.time(),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            provider=self.provider_config.kind,
             model=self.agent_type.model,
         )
         self._tasks: dict[asyncio.Task[None], AbstractIncomingMessage] = {}
@@ -187,8 +192,9 @@ class Worker:
 
     # --- work
     async def generate(self, prompt: Prompt, emit: Emit) -> Usage:
-        return await generate_with_retries(self.provider, prompt, emit, retries=self.agent_type.retries,
-                                           on_retry=self.metrics.retried)
+        return await generate_with_retries(
+            self.provider, prompt, emit, retries=self.agent_type.retries, on_retry=self.metrics.retried
+        )
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(self._handle(message))
@@ -204,8 +210,12 @@ class Worker:
             if req.v != WIRE_VERSION:
                 raise msgspec.ValidationError(f"unknown wire version {req.v}")
         except msgspec.MsgspecError as e:
-            log.error("unreadable message %s parked: %s", message.message_id, e,
-                      extra={"pool": self.pool_name, "replica": self.replica_id})
+            log.error(
+                "unreadable message %s parked: %s",
+                message.message_id,
+                e,
+                extra={"pool": self.pool_name, "replica": self.replica_id},
+            )
             await self._park(message)
             return
         try:
@@ -215,14 +225,23 @@ class Worker:
             await _settle(message.nack(requeue=True))
             raise
         except REDIS_ERRORS as e:
-            log.warning("request %s: Redis unavailable (%s); handing it back", req.request_id, e,
-                        extra=log_fields(self, req))
+            log.warning(
+                "request %s: Redis unavailable (%s); handing it back",
+                req.request_id,
+                e,
+                extra=log_fields(self, req),
+            )
             await asyncio.sleep(REDIS_RETRY_DELAY_S)
             await _settle(message.nack(requeue=True))
             return
         if log.isEnabledFor(logging.DEBUG):  # the per-request line; ids only, never contents
-            log.debug("request %s: %s %s", req.request_id, outcome.kind, outcome.error_code,
-                      extra=log_fields(self, req))
+            log.debug(
+                "request %s: %s %s",
+                req.request_id,
+                outcome.kind,
+                outcome.error_code,
+                extra=log_fields(self, req),
+            )
         if outcome.kind == "parked":
             await self._park(message)
             self._count(outcome)
@@ -243,8 +262,10 @@ class Worker:
         """Move a poison message to the pool's parking queue, then ack the original."""
         try:
             await self.amqp.publish(
-                self.names.parking_queue(self.pool_name), message.body,
-                message_id=message.message_id or "", headers=dict(message.headers or {}),
+                self.names.parking_queue(self.pool_name),
+                message.body,
+                message_id=message.message_id or "",
+                headers=dict(message.headers or {}),
             )
         except Exception as e:
             log.error("could not park %s: %s; dropping it to the dead-letter path", message.message_id, e)

@@ -43,7 +43,12 @@ def pool_config(config: Config, pool: str) -> Config:
 
 @contextlib.asynccontextmanager
 async def replica_slot(
-    settings: Settings, config: Config, pool: str, deployment: str, n: int | None, stop: asyncio.Event,
+    settings: Settings,
+    config: Config,
+    pool: str,
+    deployment: str,
+    n: int | None,
+    stop: asyncio.Event,
 ) -> AsyncIterator[tuple[Config, int]]:
     """Yield (config, slot number) to run; guard the slot until the block ends."""
     config = pool_config(config, pool)
@@ -69,8 +74,9 @@ async def _claim(leases: Leases, settings: Settings, pool: str, deployment: str)
     with translated(settings.redis_url):
         n = await leases.claim(pool, deployment, MAX_SLOTS)
     if n is None:
-        raise Unavailable(f"every one of the {MAX_SLOTS} slots of {pool}/{deployment} is taken",
-                          error_code="POOL_LIMIT")
+        raise Unavailable(
+            f"every one of the {MAX_SLOTS} slots of {pool}/{deployment} is taken", error_code="POOL_LIMIT"
+        )
     return n
 
 

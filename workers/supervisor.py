@@ -44,8 +44,13 @@ STOP_TIMEOUT_S = 40.0
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, config: Config, *, pools: list[str] | None = None,
-        env: dict[str, str] | None = None, metrics: FleetMetrics | None = None,
+        self,
+        settings: Settings,
+        config: Config,
+        *,
+        pools: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        metrics: FleetMetrics | None = None,
         metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
@@ -70,8 +75,10 @@ class Supervisor:
 
     # --- lifecycle
     async def async_run(self, stop: asyncio.Event) -> None:
-        helpers = [asyncio.create_task(self._listen(), name="fleet-listen"),
-                   asyncio.create_task(self._on_stop(stop), name="stop-nudge")]
+        helpers = [
+            asyncio.create_task(self._listen(), name="fleet-listen"),
+            asyncio.create_task(self._on_stop(stop), name="stop-nudge"),
+        ]
         renewer = asyncio.create_task(self._renew_loop(), name="lease-renew")
         try:
             if self.metrics is not None:
@@ -239,8 +246,9 @@ class Supervisor:
     async def _grow(
         self, snap: PoolSnapshot, dep: str, want: int, active: int, n_peers: int, starving: bool
     ) -> None:
-        mine = sum(1 for r in self.replicas.values()
-                   if (r.pool, r.deployment) == (snap.name, dep) and not r.stopping)
+        mine = sum(
+            1 for r in self.replicas.values() if (r.pool, r.deployment) == (snap.name, dep) and not r.stopping
+        )
         room = want - active if starving else min(want - active, math.ceil(want / n_peers) - mine)
         for _ in range(room):
             n = await self.leases.claim(snap.name, dep, want)

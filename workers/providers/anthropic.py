@@ -85,8 +85,11 @@ class AnthropicProvider(Provider):
                 elif event.type == "message_stop":
                     final = event.message.usage
         if final is None:
-            raise ProviderError("anthropic stream ended before message_stop",
-                                error_code="PROVIDER_UNAVAILABLE", retryable=True)
+            raise ProviderError(
+                "anthropic stream ended before message_stop",
+                error_code="PROVIDER_UNAVAILABLE",
+                retryable=True,
+            )
         return Usage(input_tokens=final.input_tokens, output_tokens=final.output_tokens)
 
     async def aclose(self) -> None:
@@ -105,12 +108,18 @@ def _message(m: Message) -> MessageParam:
 def _api_key(config: ProviderConfig) -> str:
     """The key from the environment variable the pools file names; fatal if it is unset."""
     if not config.api_key_env:
-        raise ProviderError("anthropic provider needs api_key_env in the pools file",
-                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+        raise ProviderError(
+            "anthropic provider needs api_key_env in the pools file",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
     key = os.environ.get(config.api_key_env)
     if not key:
-        raise ProviderError(f"environment variable {config.api_key_env} (the anthropic API key) is not set",
-                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+        raise ProviderError(
+            f"environment variable {config.api_key_env} (the anthropic API key) is not set",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
     return key
 
 
@@ -138,8 +147,12 @@ def translate_error(e: Exception) -> ProviderError:
     """The one place SDK and transport errors become :class:`ProviderError`."""
     why = f"anthropic: {type(e).__name__}: {e}"
     if isinstance(e, anthropic.RateLimitError):
-        return ProviderError(why, error_code="PROVIDER_RATE_LIMITED", retryable=True,
-                             retry_after_s=retry_after_s(e.response.headers))
+        return ProviderError(
+            why,
+            error_code="PROVIDER_RATE_LIMITED",
+            retryable=True,
+            retry_after_s=retry_after_s(e.response.headers),
+        )
     if isinstance(e, anthropic.AuthenticationError | anthropic.PermissionDeniedError):
         return ProviderError(why, error_code="PROVIDER_AUTH_FAILED", fatal=True)
     if isinstance(e, anthropic.APIStatusError):

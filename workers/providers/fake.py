@@ -14,7 +14,31 @@ import os
 from shared.messages import Usage
 from workers.providers.base import Emit, Message, Prompt, Provider
 
-WORDS = ["agent", "pool", "warm", "stream", "token", "reply", "queue", "thread", "sticky", "replica", "broker", "redis", "rabbit", "answer", "helpful", "quick", "steady", "calm", "bright", "clear", "ready", "fast", "kind"]
+WORDS = [
+    "agent",
+    "pool",
+    "warm",
+    "stream",
+    "token",
+    "reply",
+    "queue",
+    "thread",
+    "sticky",
+    "replica",
+    "broker",
+    "redis",
+    "rabbit",
+    "answer",
+    "helpful",
+    "quick",
+    "steady",
+    "calm",
+    "bright",
+    "clear",
+    "ready",
+    "fast",
+    "kind",
+]
 
 
 def fake_tokens(system: str, messages: list[Message], n_tokens: int) -> list[str]:

@@ -89,16 +89,20 @@ class OpenAIProvider(Provider):
         async with stream:
             async for chunk in stream:
                 if chunk.usage is not None:
-                    usage = Usage(input_tokens=chunk.usage.prompt_tokens,
-                                  output_tokens=chunk.usage.completion_tokens)
+                    usage = Usage(
+                        input_tokens=chunk.usage.prompt_tokens, output_tokens=chunk.usage.completion_tokens
+                    )
                 for choice in chunk.choices:
                     if choice.delta.content:
                         deltas += 1
                         emit(choice.delta.content)
                     finished = finished or choice.finish_reason is not None
         if not finished:
-            raise ProviderError("openai stream ended without a finish_reason",
-                                error_code="PROVIDER_UNAVAILABLE", retryable=True)
+            raise ProviderError(
+                "openai stream ended without a finish_reason",
+                error_code="PROVIDER_UNAVAILABLE",
+                retryable=True,
+            )
         return usage or Usage(output_tokens=deltas)  # a server that ignores include_usage: estimate
 
     async def aclose(self) -> None:
@@ -126,12 +130,18 @@ def _message(m: Message) -> ChatCompletionMessageParam:
 def _api_key(config: ProviderConfig) -> str:
     """The key from the environment variable the pools file names; fatal if it is unset."""
     if not config.api_key_env:
-        raise ProviderError("openai provider needs api_key_env in the pools file",
-                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+        raise ProviderError(
+            "openai provider needs api_key_env in the pools file",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
     key = os.environ.get(config.api_key_env)
     if not key:
-        raise ProviderError(f"environment variable {config.api_key_env} (the openai API key) is not set",
-                            error_code="PROVIDER_AUTH_FAILED", fatal=True)
+        raise ProviderError(
+            f"environment variable {config.api_key_env} (the openai API key) is not set",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
     return key
 
 
@@ -159,8 +169,12 @@ def translate_error(e: Exception) -> ProviderError:
     """The one place SDK and transport errors become :class:`ProviderError`."""
     why = f"openai: {type(e).__name__}: {e}"
     if isinstance(e, openai.RateLimitError):
-        return ProviderError(why, error_code="PROVIDER_RATE_LIMITED", retryable=True,
-                             retry_after_s=retry_after_s(e.response.headers))
+        return ProviderError(
+            why,
+            error_code="PROVIDER_RATE_LIMITED",
+            retryable=True,
+            retry_after_s=retry_after_s(e.response.headers),
+        )
     if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
         return ProviderError(why, error_code="PROVIDER_AUTH_FAILED", fatal=True)
     if isinstance(e, openai.APIStatusError):
