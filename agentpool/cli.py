@@ -11,8 +11,13 @@ import asyncio
 import shutil
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agentpool import keys_cmd
+
+if TYPE_CHECKING:
+    from shared.config import Config
+    from shared.settings import Settings
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -139,7 +144,7 @@ def _how_to_start(service: str) -> str:
     return hint
 
 
-async def _probe(settings: object) -> list[str]:
+async def _probe(settings: Settings) -> list[str]:
     """Which dependencies are unreachable, each with its URL and how to get it."""
     import aio_pika
 
@@ -169,7 +174,7 @@ async def _probe(settings: object) -> list[str]:
     return problems
 
 
-def _check(settings: object) -> int:
+def _check(settings: Settings) -> int:
     problems = asyncio.run(_probe(settings))
     for p in problems:
         print(f"agentpool: {p}", file=sys.stderr)
@@ -178,7 +183,7 @@ def _check(settings: object) -> int:
     return EXIT_UNAVAILABLE if problems else EXIT_OK
 
 
-def _worker(settings: object, config: object, args: argparse.Namespace) -> int:
+def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
     return run_worker(
@@ -186,13 +191,13 @@ def _worker(settings: object, config: object, args: argparse.Namespace) -> int:
         config,
         args.pool,
         args.deployment,
-        args.replica,  # type: ignore[arg-type]
+        args.replica,
         drain_timeout_s=args.drain_timeout_s,
         metrics_port=args.metrics_port,
     )
 
 
-def _workers(settings: object, config: object, pools: list[str] | None, metrics_port: int | None) -> int:
+def _workers(settings: Settings, config: Config, pools: list[str] | None, metrics_port: int | None) -> int:
     import uvloop
 
     from workers.main import install_stop_signals
@@ -202,20 +207,20 @@ def _workers(settings: object, config: object, pools: list[str] | None, metrics_
         stop = asyncio.Event()
         install_stop_signals(stop)
         # metrics_port: one endpoint summing every worker
-        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port)  # type: ignore[arg-type]
+        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port)
         await sup.async_run(stop)
 
     uvloop.run(run())
     return EXIT_OK
 
 
-def _gateway(settings: object, config: object, host: str, port: int) -> int:
+def _gateway(settings: Settings, config: Config, host: str, port: int) -> int:
     from gateway.server import run_gateway
 
-    return run_gateway(settings, config, host, port)  # type: ignore[arg-type]
+    return run_gateway(settings, config, host, port)
 
 
-def _dev(settings: object, config: object, host: str, port: int) -> int:
+def _dev(settings: Settings, config: Config, host: str, port: int) -> int:
     """Workers (supervised) and the gateway in one command; Ctrl-C stops all of it cleanly."""
     import uvloop
 
@@ -238,9 +243,9 @@ def _dev(settings: object, config: object, host: str, port: int) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        sup = Supervisor(settings, config, env={"AGENTPOOL_LOG_FORMAT": "text"})  # type: ignore[arg-type]
+        sup = Supervisor(settings, config, env={"AGENTPOOL_LOG_FORMAT": "text"})
         sup_task = asyncio.create_task(sup.async_run(stop))
-        srv = server(settings, config, host, port, embedded=True)  # type: ignore[arg-type]
+        srv = server(settings, config, host, port, embedded=True)
         srv_task = asyncio.create_task(srv.serve())
         await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
         srv.should_exit = True
@@ -251,7 +256,7 @@ def _dev(settings: object, config: object, host: str, port: int) -> int:
     return EXIT_OK
 
 
-def _scale(settings: object, config: object, pool: str, deployment: str, replicas: int) -> int:
+def _scale(settings: Settings, config: Config, pool: str, deployment: str, replicas: int) -> int:
     from broker.fleet import Fleet
     from broker.leases import MAX_REPLICAS
     from broker.redis_conn import connect
@@ -260,7 +265,7 @@ def _scale(settings: object, config: object, pool: str, deployment: str, replica
     from shared.settings import Settings
 
     assert isinstance(settings, Settings)
-    cfg_pool = pool_config(config, pool)  # type: ignore[arg-type]
+    cfg_pool = pool_config(config, pool)
     if cfg_pool is None or deployment not in {d.name for d in cfg_pool.deployments}:
         print(f"agentpool: no deployment {deployment!r} in pool {pool!r}", file=sys.stderr)
         return EXIT_CONFIG
@@ -271,7 +276,7 @@ def _scale(settings: object, config: object, pool: str, deployment: str, replica
     async def run() -> None:
         r = connect(settings.redis_url)
         try:  # also wakes an idle pool and nudges the supervisors to act at once
-            await Fleet(r, Names(settings.namespace), config).set_desired(pool, deployment, replicas)  # type: ignore[arg-type]
+            await Fleet(r, Names(settings.namespace), config).set_desired(pool, deployment, replicas)
         finally:
             await r.aclose()
 
@@ -280,8 +285,8 @@ def _scale(settings: object, config: object, pool: str, deployment: str, replica
     return EXIT_OK
 
 
-def _status(settings: object, config: object, pool: str | None) -> int:
+def _status(settings: Settings, config: Config, pool: str | None) -> int:
     from agentpool.status import render
 
-    print(asyncio.run(render(settings, config, pool)))  # type: ignore[arg-type]
+    print(asyncio.run(render(settings, config, pool)))
     return EXIT_OK

@@ -193,7 +193,7 @@ async def _load(url: str, kind: str, conc: int, n: int, cap: float) -> dict:
 
         cpu0 = time.process_time()
         tasks = [asyncio.create_task(worker()) for _ in range(conc)]
-        done, pending = await asyncio.wait(tasks, timeout=cap + 2)
+        _, pending = await asyncio.wait(tasks, timeout=cap + 2)
         for t in pending:  # hard stop
             t.cancel()
         if pending:
@@ -332,7 +332,8 @@ def main() -> None:
     import uvicorn
 
     print(
-        f"python {sys.version.split()[0]} | starlette {starlette.__version__} | litestar {version('litestar')} | "
+        f"python {sys.version.split()[0]} | starlette {starlette.__version__} | "
+        f"litestar {version('litestar')} | "
         f"uvicorn {uvicorn.__version__} | msgspec {msgspec.__version__} | aiohttp {aiohttp.__version__} | "
         f"cpus {ncpu} | pinned {pin} | {a.requests} req/run, cap {a.cap}s, {a.runs} runs",
         flush=True,
@@ -383,7 +384,8 @@ def main() -> None:
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     print()
     print(
-        "| endpoint | conc | framework | req/s | p50 ms | p99 ms | srv CPU s/1k req | srv CPU% | client CPU% | errors | n |"
+        "| endpoint | conc | framework | req/s | p50 ms | p99 ms | srv CPU s/1k req | srv CPU% "
+        "| client CPU% | errors | n |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
@@ -402,7 +404,8 @@ def main() -> None:
                 summary[(fw, kind, conc)] = s
                 print(
                     f"| {kind} | {conc} | {fw} | {s['rps']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-                    f"{s['srv_cpu_per_1k']:.3f} | {s['srv_cpu_pct']:.0f} | {s['client_cpu_pct']:.0f} | {s['errors']} | {s['n']} |"
+                    f"{s['srv_cpu_per_1k']:.3f} | {s['srv_cpu_pct']:.0f} | {s['client_cpu_pct']:.0f} | "
+                    f"{s['errors']} | {s['n']} |"
                 )
     print()
     print("Litestar / Starlette (same invocation; >1 = Litestar higher)")
@@ -410,11 +413,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for kind in kinds:
         for conc in concs:
-            s, l = summary.get(("starlette", kind, conc)), summary.get(("litestar", kind, conc))
-            if s and l:
+            s, lt = summary.get(("starlette", kind, conc)), summary.get(("litestar", kind, conc))
+            if s and lt:
                 print(
-                    f"| {kind} | {conc} | {l['rps'] / s['rps']:.2f} | {l['p50_ms'] / s['p50_ms']:.2f} | "
-                    f"{l['p99_ms'] / s['p99_ms']:.2f} | {l['srv_cpu_per_1k'] / s['srv_cpu_per_1k']:.2f} |"
+                    f"| {kind} | {conc} | {lt['rps'] / s['rps']:.2f} | {lt['p50_ms'] / s['p50_ms']:.2f} | "
+                    f"{lt['p99_ms'] / s['p99_ms']:.2f} | {lt['srv_cpu_per_1k'] / s['srv_cpu_per_1k']:.2f} |"
                 )
     print(f"\ntotal wall {time.monotonic() - t_start:.0f}s")
     if a.json:

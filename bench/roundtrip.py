@@ -57,7 +57,7 @@ def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def closed_loop(conc: int, n: int, seconds: float, one) -> tuple[list[tuple[float, float]], float]:
@@ -303,8 +303,8 @@ def main() -> None:
         f"medians of {args.repeat} runs"
     )
     print(
-        "| in flight | req/s | first chunk p50 / p99 ms | last event p50 / p99 ms | floor req/s | ratio req/s "
-        "| ratio first p50 | ratio last p50 |"
+        "| in flight | req/s | first chunk p50 / p99 ms | last event p50 / p99 ms | floor req/s "
+        "| ratio req/s | ratio first p50 | ratio last p50 |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

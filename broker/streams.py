@@ -2,7 +2,8 @@
 
 Write side (:class:`ReplyStore`): two Lua scripts make a request's life atomic where it matters.
 ``begin`` refuses a finished or cancelled request, counts the attempt, writes ``restart`` (for
-attempt > 1, or a redelivery whose count was lost with a Redis restart) and ``start``, and returns the thread history, all in one round trip. ``finish``
+attempt > 1, or a redelivery whose count was lost with a Redis restart) and ``start``, and
+returns the thread history, all in one round trip. ``finish``
 writes the one final event (``end`` or ``error``) and appends the thread's turns only if no final
 event was written before (``SET done NX``): a redelivered or duplicated request can never produce
 two ``end`` events or two thread turns.
@@ -125,8 +126,9 @@ class ReplyStore:
     async def chunk(self, request_id: str, text: str, attempt: int) -> bool:
         """Append a chunk; returns True if the request was cancelled meanwhile."""
         n = self.names
+        fields: dict[Any, Any] = event_fields(Chunk(text=text, attempt=attempt))  # stubs differ per major
         async with self.redis.pipeline(transaction=False) as p:
-            p.xadd(n.reply(request_id), event_fields(Chunk(text=text, attempt=attempt)))
+            p.xadd(n.reply(request_id), fields)
             p.exists(n.cancel(request_id))
             _, cancelled = await p.execute()
         return bool(cancelled)
@@ -260,8 +262,8 @@ class ReplyReader:
         finally:
             self._waking = False
 
-    def _streams(self) -> dict[bytes, bytes]:
-        streams = {}
+    def _streams(self) -> dict[Any, Any]:  # redis-py's stubs differ per major; keys and ids are bytes
+        streams: dict[Any, Any] = {}
         for key, subs in self._subs.items():
             streams[key] = min((s.last_id for s in subs), key=_id_tuple)
         return streams
@@ -290,7 +292,8 @@ class ReplyReader:
                 await self._reconnect()
                 continue
             if resp:
-                self._dispatch(resp)
+                # RESP2 answers [[key, entries], ...]; RESP3 a {key: entries} map.
+                self._dispatch(list(resp.items()) if isinstance(resp, dict) else resp)
 
     async def _reconnect(self) -> None:
         try:

@@ -90,7 +90,8 @@ provider = "fake"
 retries = 1
 
 [pools.{pool}]
-limits = {{ concurrency = {concurrency}, sticky_depth = {sticky_depth}, max_depth = {max_depth}, rescue_after_s = {rescue_after_s}, max_attempts = {max_attempts} }}
+limits = {{ concurrency = {concurrency}, sticky_depth = {sticky_depth}, max_depth = {max_depth}, \
+rescue_after_s = {rescue_after_s}, max_attempts = {max_attempts} }}
 
 [[pools.{pool}.deployments]]
 name = "main"
@@ -209,7 +210,7 @@ class System:
         for name in [pool] if pool else list(self.config.pools):
             want = {rid for rid, w in self.workers.items() if w.pool_name == name}
 
-            async def ok() -> bool:
+            async def ok(name: str = name, want: set[str] = want) -> bool:
                 await self.client.refresh_membership()
                 return {r.id for r in self.client.router.members(name)} == want
 

@@ -66,7 +66,7 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
     ):
         await wait_until(lambda: outcomes["ok"] >= 10, 30, "load running")
         stop_cmd, start_cmd = restart
-        subprocess.run(stop_cmd, capture_output=True, timeout=120)
+        await asyncio.to_thread(subprocess.run, stop_cmd, capture_output=True, timeout=120)
         try:
 
             async def not_ready() -> bool:
@@ -76,7 +76,7 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
             # /readyz says not-ready while the dependency is down
             await wait_until(not_ready, 15, f"/readyz to report {ready_key} down")
         finally:
-            subprocess.run(start_cmd, check=True, capture_output=True, timeout=120)
+            await asyncio.to_thread(subprocess.run, start_cmd, check=True, capture_output=True, timeout=120)
         t_back = time.monotonic()
 
         async def ready() -> bool:

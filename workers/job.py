@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED
 from shared.errors import ProviderError
-from shared.messages import TURN_DECODER, TURN_ENCODER, End, Error, Request, Timings, Turn
+from shared.messages import TURN_DECODER, TURN_ENCODER, End, Error, Request, Timings, Turn, Usage
 from workers import coldstart
 from workers.chunks import ChunkWriter
 from workers.providers.base import Message
@@ -81,7 +81,7 @@ async def _generate(
 ) -> Outcome:
     t0 = time.monotonic()
     prompt = worker.renderer(worker.agent_type, req, history)
-    gen: asyncio.Task[object] | None = None
+    gen: asyncio.Task[Usage] | None = None
 
     def cancel() -> None:
         if gen is not None and not gen.done():
@@ -119,7 +119,7 @@ async def _generate(
         thread_id=req.thread_id,
         agent_id=worker.replica_id,
         content=content,
-        usage=usage,  # type: ignore[arg-type]
+        usage=usage,
         timings=Timings(
             queue_wait_ms=round(queue_wait_ms, 3),
             ttft_ms=round((first - t0) * 1000, 3),
