@@ -50,8 +50,9 @@ async def test_two_gateway_processes_keep_threads_sticky(make_system, tmp_path: 
                 except httpx.TransportError:
                     return False
 
+            # Ready means the lifespan finished, and it loads membership before it does: both
+            # gateways see the 3 replicas that make_system registered before they started.
             await wait_until(up, 30, "both gateways ready")
-            await asyncio.sleep(1.0)  # let both membership caches see all 3 replicas (refresh: 0.5 s)
             placed: dict[str, list[str]] = collections.defaultdict(list)
 
             async def lane(threads: list[str]) -> None:
