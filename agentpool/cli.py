@@ -154,7 +154,8 @@ async def _probe(settings: Settings) -> list[str]:
     assert isinstance(settings, Settings)
     problems = []
     try:
-        conn = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
+        async with asyncio.timeout(5):
+            conn = await aio_pika.connect(settings.amqp_url)
         await conn.close()
     except Exception as e:
         problems.append(
@@ -163,7 +164,8 @@ async def _probe(settings: Settings) -> list[str]:
         )
     r = connect(settings.redis_url)
     try:
-        await asyncio.wait_for(r.ping(), 5)
+        async with asyncio.timeout(5):
+            await r.ping()
     except Exception as e:
         problems.append(
             f"Redis is not reachable at {redact_url(settings.redis_url)} ({type(e).__name__}: {e}); "

@@ -55,10 +55,10 @@ class Amqp:
         if self._closed:
             raise RuntimeError("this Amqp was closed; make a new one")
         try:
-            self._conn = await asyncio.wait_for(
-                aio_pika.connect_robust(self.url, client_properties={"connection_name": "agentpool"}),
-                CONNECT_TIMEOUT_S,
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                self._conn = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": "agentpool"}
+                )
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as e:
             raise broker_unavailable(self.url, e) from e
         for _ in range(self._n_channels):

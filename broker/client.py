@@ -43,6 +43,7 @@ from shared.messages import (
 )
 from shared.names import Names
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.client")
 
@@ -122,11 +123,7 @@ class AgentPoolClient:
 
     async def aclose(self) -> None:
         self._state = "closed"
-        if self._refresher is not None:
-            # redis-py can swallow a cancel that lands mid-command (the loop then sleeps on): repeat it.
-            while not self._refresher.done():
-                self._refresher.cancel()
-                await asyncio.wait([self._refresher], timeout=0.2)
+        await cancel_and_wait([self._refresher])
         with contextlib.suppress(*REDIS_ERRORS):
             await self.activity.flush()  # the last requests still count toward keeping pools awake
         await self.reader.aclose()
@@ -150,7 +147,8 @@ class AgentPoolClient:
     async def ready(self) -> dict[str, bool]:
         """Per dependency: is it reachable right now (for /readyz; Redis gets a real PING)."""
         try:
-            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), READY_PING_TIMEOUT_S))
+            async with asyncio.timeout(READY_PING_TIMEOUT_S):
+                redis_ok = bool(await self.redis.ping())
         except (*REDIS_ERRORS, TimeoutError):
             redis_ok = False
         return {"rabbitmq": self.amqp.is_connected, "redis": redis_ok}

@@ -27,6 +27,7 @@ from broker.redis_conn import REDIS_ERRORS, connect, translated
 from shared import metrics
 from shared.messages import EVENT_ENCODER, FINAL_TYPES, Chunk, End, Error, event_fields
 from shared.names import Names
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.streams")
 
@@ -190,7 +191,10 @@ class Subscription:
             self.close()
 
     async def next(self, timeout_s: float | None = None) -> Entry:
-        return await asyncio.wait_for(self.queue.get(), timeout_s)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can report a cancel that races the
+        # timeout as TimeoutError, and callers treat that as "send a keep-alive" and go on.
+        async with asyncio.timeout(timeout_s):
+            return await self.queue.get()
 
     def close(self) -> None:
         if not self.finished:
@@ -223,12 +227,7 @@ class ReplyReader:
         self._task = asyncio.create_task(self._run(), name="reply-reader")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait([self._task])
         for c in (self._conn, self._ctl):
             if c is not None:
                 await c.aclose()

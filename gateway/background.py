@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
+
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.gateway")
 
@@ -28,8 +29,4 @@ class Background:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))

@@ -42,8 +42,8 @@ def _public(address: str) -> bool:
 async def _addresses(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
-        lookup = loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        infos = await asyncio.wait_for(lookup, RESOLVE_TIMEOUT_S)
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as e:
         raise WebhookRefused(f"webhook_url host does not resolve: {host}", details=_FIELD) from e
     return [str(info[4][0]) for info in infos]

@@ -40,6 +40,7 @@ from gateway.urlcheck import check_webhook_url
 from shared.api_config import Webhooks
 from shared.errors import ConfigError, WebhookRefused
 from shared.messages import FINAL_TYPES, End, Error
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.webhooks")
 
@@ -123,10 +124,7 @@ class Deliverer:
         self._task = asyncio.create_task(self._run(), name="webhooks")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._http is not None:
             await self._http.aclose()
 
@@ -183,8 +181,12 @@ class Deliverer:
                     continue
             except REDIS_ERRORS as e:
                 log.warning("webhook loop lost Redis: %s", e)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can turn a cancel that lands as the
+            # timeout fires into TimeoutError, which this suppress would swallow (seen: a gateway
+            # that never finished its shutdown, this task stuck "cancelling" here).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), DUE_POLL_S)
+                async with asyncio.timeout(DUE_POLL_S):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _process_safely(self, request_id: str) -> None:

@@ -127,13 +127,3 @@ async def stop_all(replicas: list[Replica], timeout_s: float) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             await p.wait()
-
-
-async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and wait; repeat, since redis-py can swallow a cancel that lands mid-command."""
-    for t in tasks:
-        while not t.done():
-            t.cancel()
-            await asyncio.wait([t], timeout=0.2)
-        if not t.cancelled() and t.exception() is not None:
-            log.warning("task %s failed: %r", t.get_name(), t.exception())

@@ -31,6 +31,7 @@ from shared.errors import ProviderError
 from shared.messages import REQUEST_DECODER, WIRE_VERSION, Request, Usage
 from shared.names import Names, replica_id
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 from workers.job import Outcome, log_fields, run_job
 from workers.prompting import load_renderer
 from workers.providers import build_provider
@@ -151,10 +152,7 @@ class Worker:
             await self.registry.remove(self.pool_name, self.replica_id)
 
     async def aclose(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await cancel_and_wait([self._heartbeat])
         self.metrics.queue_ready(0)
         await self.provider.aclose()
         await self.amqp.aclose()

@@ -25,7 +25,7 @@ from shared.config import Config
 from shared.errors import ConfigError, Unavailable
 from shared.names import Names
 from shared.settings import Settings
-from workers.procs import cancel_all
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.worker")
 
@@ -63,7 +63,7 @@ async def replica_slot(
             log.info("replica %s-%s-%d: slot claimed", pool, deployment, n)
         yield config, n
     finally:
-        await cancel_all(guards)
+        await cancel_and_wait(guards)
         if n is not None and len(guards) > 1:
             with contextlib.suppress(*REDIS_ERRORS):
                 await leases.release(pool, deployment, n)

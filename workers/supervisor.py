@@ -30,6 +30,7 @@ from shared.config import Config
 from shared.errors import Unavailable
 from shared.names import Names, replica_id
 from shared.settings import Settings
+from shared.tasks import cancel_and_wait
 from workers import procs, rolling
 from workers.fleet_metrics import FleetMetrics
 from workers.procs import Replica
@@ -90,13 +91,14 @@ class Supervisor:
                     await self.reconcile()
                 except (*REDIS_ERRORS, Unavailable) as e:
                     log.warning("reconcile failed (%s); retrying", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudge.wait(), RECONCILE_S)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout keeps a cancel a cancel
+                    async with asyncio.timeout(RECONCILE_S):
+                        await self._nudge.wait()
         finally:
             self._closing = True
-            await procs.cancel_all(helpers)
+            await cancel_and_wait(helpers)
             await self.shutdown()
-            await procs.cancel_all([renewer])
+            await cancel_and_wait([renewer])
             await self._let_go()
             await self.redis.aclose()
             if self.metrics is not None:
