@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -159,9 +160,19 @@ class ReplyStore:
         await self.redis.set(self.names.cancel(request_id), b"1", ex=ttl_s)
 
 
-def _id_tuple(entry_id: bytes) -> tuple[int, int]:
+def entry_order(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+_STREAM_ID = re.compile(rb"^([0-9]{1,20})-([0-9]{1,20})$")
+_U64_MAX = 2**64 - 1
+
+
+def is_stream_id(entry_id: bytes) -> bool:
+    """A full Redis stream entry id ``ms-seq``, each part within 64 bits (what XREAD accepts)."""
+    m = _STREAM_ID.match(entry_id)
+    return m is not None and int(m[1]) <= _U64_MAX and int(m[2]) <= _U64_MAX
 
 
 Entry = tuple[bytes, bytes, bytes]  # (entry id, type, data json)
@@ -233,6 +244,9 @@ class ReplyReader:
                 await c.aclose()
 
     def subscribe(self, key: str, after: bytes = b"0-0") -> Subscription:
+        # One bad id would make Redis refuse the XREAD shared by every subscription.
+        if not is_stream_id(after):
+            raise ValueError(f"not a stream entry id: {after!r}")
         sub = Subscription(self, key.encode(), after)
         self._subs.setdefault(sub.key, []).append(sub)
         self._has_subs.set()
@@ -264,7 +278,7 @@ class ReplyReader:
     def _streams(self) -> dict[Any, Any]:  # redis-py's stubs differ per major; keys and ids are bytes
         streams: dict[Any, Any] = {}
         for key, subs in self._subs.items():
-            streams[key] = min((s.last_id for s in subs), key=_id_tuple)
+            streams[key] = min((s.last_id for s in subs), key=entry_order)
         return streams
 
     async def _run(self) -> None:
@@ -308,13 +322,13 @@ class ReplyReader:
             subs = self._subs.get(key)
             if not subs or not entries:
                 continue
-            newest = _id_tuple(entries[-1][0])
+            newest = entry_order(entries[-1][0])
             self.lag_s = max(0.0, (now_ms - newest[0]) / 1000)
             metrics.reader_lag(self.lag_s)
             for sub in list(subs):
-                floor = _id_tuple(sub.last_id)
+                floor = entry_order(sub.last_id)
                 for entry_id, fields in entries:
-                    if _id_tuple(entry_id) <= floor:
+                    if entry_order(entry_id) <= floor:
                         continue
                     kind = fields[b"t"]
                     sub.queue.put_nowait((entry_id, kind, fields[b"d"]))

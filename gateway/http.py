@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from broker.streams import is_stream_id
 from shared.errors import AgentPoolError, BadRequest, PayloadTooLarge
 
 T = TypeVar("T")
@@ -68,13 +68,10 @@ def wants_sse(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-
-
 def resume_after(request: Request) -> bytes:
     """``Last-Event-ID`` (or ``?after=``): a Redis stream entry id, validated; ``0-0`` if none."""
     after = request.headers.get("last-event-id", request.query_params.get("after", "0-0"))  # "" is invalid
-    if not _STREAM_ID.match(after):
+    if not is_stream_id(after.encode()):
         raise BadRequest(
             "Last-Event-ID must be a stream entry id like 1795334370711-0",
             error_code="VALIDATION_ERROR",

@@ -169,6 +169,10 @@ def _get_request() -> dict[str, Any]:
                     {"X-Request-ID": {"schema": _STR}},
                 ),
                 "202": _json("Running", "Still running"),
+                "204": {
+                    "description": "SSE only: Last-Event-ID is at or past the final event; do not reconnect",
+                    "headers": {"X-Request-ID": {"schema": _STR}},
+                },
                 **_errors(400, 401, 403, 404, 499, 502, 503, 504),
             },
         }

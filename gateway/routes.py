@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from broker.client import AgentPoolClient, Ticket
+from broker.streams import entry_order
 from gateway import admission
 from gateway.auth import owns, require
 from gateway.http import JSON, resume_after, wants_sse
@@ -17,7 +18,7 @@ from gateway.schemas import Accepted, AskResponse
 from gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
 from shared import metrics
 from shared.errors import NotFound, RequestFailed, status_for_code
-from shared.messages import End, Error
+from shared.messages import FINAL_TYPES, End, Error
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -87,11 +88,15 @@ async def get_request(request: Request) -> Response:
     if not (await owns(client, principal, rid) and await client.redis.exists(key)):
         raise NotFound(f"no request {rid!r} (unknown or expired)", error_code="REQUEST_NOT_FOUND")
     after = resume_after(request)  # validated in either mode
+    last = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrevrange(key, count=1))
     if wants_sse(request):
+        if last and last[0][1][b"t"] in FINAL_TYPES and entry_order(last[0][0]) <= entry_order(after):
+            # The client has the final event already (an EventSource reconnects after every
+            # close): 204 is how SSE says "do not reconnect", instead of an idle stream.
+            return Response(status_code=204, headers={"X-Request-ID": rid})
         ticket = Ticket(rid, "", "", "", "resume")
         entries = client.stream_raw(ticket, after=after, keepalive_s=KEEPALIVE_S)
         return _sse(client, ticket, entries, {"X-Request-ID": rid})
-    last = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrevrange(key, count=1))
     for _id, fields in last:
         if fields[b"t"] == b"end":
             return JSON(_answer(msgspec.json.decode(fields[b"d"], type=End)))

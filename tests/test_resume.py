@@ -69,3 +69,35 @@ async def test_get_request_returns_result_or_running(make_system) -> None:
         done = await http.get(f"/v1/requests/{rid}")
         assert done.status_code == 200
         assert done.json()["content"].startswith("[0 earlier] Re: background job")
+
+
+async def test_a_last_event_id_redis_would_refuse_is_a_400_and_breaks_no_stream(make_system) -> None:
+    """The reply reader shares one XREAD across requests: one bad id must never reach it."""
+    system: System = await make_system(replicas=1)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        rid = (await http.post("/v1/ask/p", json={"content": "first"})).json()["request_id"]
+        sse = {"Accept": "text/event-stream"}
+        # Given ids of the right shape whose parts overflow 64 bits (Redis: "Invalid stream ID")
+        for bad in ("18446744073709551616-0", "0-99999999999999999999", "garbage", "1-1-1"):
+            r = await http.get(f"/v1/requests/{rid}", headers={**sse, "Last-Event-ID": bad})
+            # Then each is refused with the error body
+            assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error_code"] == "VALIDATION_ERROR"
+        # And every stream still reads normally: a full replay of the finished request
+        replay = parse_sse((await http.get(f"/v1/requests/{rid}", headers=sse)).text)
+        assert replay[-1]["event"] == "end"
+        # A client that already has the final event (an EventSource reconnects after each close)
+        # gets 204, SSE's "do not reconnect", at once; the largest valid id is past everything
+        for after in (replay[-1]["id"], "18446744073709551615-0"):
+            again = await http.get(f"/v1/requests/{rid}", headers={**sse, "Last-Event-ID": after}, timeout=3)
+            assert again.status_code == 204, (after, again.text)
+        # Resuming before the end still streams the rest
+        rest = parse_sse(
+            (await http.get(f"/v1/requests/{rid}", headers={**sse, "Last-Event-ID": replay[-2]["id"]})).text
+        )
+        assert [e["event"] for e in rest] == ["end"]
+        ok = await http.post("/v1/ask/p", json={"content": "second"})
+        assert ok.status_code == 200 and ok.json()["content"]
