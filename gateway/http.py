@@ -61,7 +61,10 @@ def decode(body: bytes, type_: type[T]) -> T:
 
 def _where(message: str) -> dict[str, str]:
     _, sep, path = message.partition(" - at `")
-    return {"field": path.rstrip("`").removeprefix("$.")} if sep else {}
+    if not sep:
+        return {}
+    # msgspec names a bad mapping key as "`key` in `$.context_variables`": name the mapping
+    return {"field": path.rstrip("`").removeprefix("key` in `").removeprefix("$.")}
 
 
 def wants_sse(request: Request) -> bool:

@@ -127,6 +127,13 @@ BAD_REQUESTS = [
 ]
 
 
+FIELDS = {
+    "bad thread id": "thread_id",
+    "negative max_wait_s": "max_wait_s",
+    "bad variable name": "context_variables",
+}
+
+
 async def test_bad_input_gets_clear_4xx_and_nothing_breaks(make_system) -> None:
     system: System = await make_system(replicas=1)
     async with (
@@ -139,6 +146,8 @@ async def test_bad_input_gets_clear_4xx_and_nothing_breaks(make_system) -> None:
             body = r.json()
             assert set(body) == {"error", "error_code", "details"}, what
             assert body["error_code"] == code, (what, body)
+            if what in FIELDS:  # the body names the field at fault
+                assert body["details"]["field"] == FIELDS[what], (what, body)
         wrong_method = await http.get("/v1/ask/p")
         assert wrong_method.status_code == 405 and wrong_method.json()["error_code"] == "METHOD_NOT_ALLOWED"
         missing = await http.get("/v1/requests/does-not-exist")
