@@ -85,8 +85,14 @@ def _replica_arg(value: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-llm"]:
+        # Its own parser takes every option (argparse.REMAINDER drops a leading --port).
+        from workers import fake_llm
+
+        return int(fake_llm.main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
-    if args.command == "fake-llm":
+    if args.command == "fake-llm":  # after global options: ``agentpool --config F fake-llm ...``
         from workers import fake_llm
 
         return int(fake_llm.main(args.args) or 0)

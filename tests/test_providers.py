@@ -6,7 +6,9 @@ API, the way a load test drives it, or sent per request with the ``x-fake-fault`
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
 from shared.messages import Usage
+from tests.conftest import free_port, wait_until
 from workers.fake_llm import FakeLLMSettings, Running, running
 from workers.providers import build_provider
 from workers.providers.base import Message, Prompt, Provider
@@ -357,3 +360,34 @@ def test_backoff_is_jittered_capped_and_honours_retry_after() -> None:
     assert all(0 <= d <= BACKOFF_CAP_S for d in delays)
     assert max(delays) > 1.0  # grows with the attempt
     assert backoff_s(1, retry_after_s=2.5) >= 2.5
+
+
+async def test_the_fake_llm_command_takes_its_options_as_documented() -> None:
+    """``agentpool fake-llm --port P --api-key K``, as the README, compose file and benches run it."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentpool", "fake-llm", "--port", str(port), "--api-key", "sk-cli",
+        "--reply-tokens", "5",
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            async def up() -> bool:
+                try:
+                    await http.get("/v1/models")
+                    return True
+                except httpx.TransportError:
+                    return False
+
+            await wait_until(up, 20, "fake-llm listening")
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            refused = await http.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 401  # --api-key was taken
+            ok = await http.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-cli"}
+            )
+            assert ok.status_code == 200
+            assert ok.json()["usage"]["completion_tokens"] == 5  # --reply-tokens was taken
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)

@@ -725,7 +725,9 @@ async def running(
 
 def _parser() -> argparse.ArgumentParser:
     env = FakeLLMSettings.from_env()
-    p = argparse.ArgumentParser(prog="agentpool fake-llm", description="Serve a fake OpenAI/Anthropic API.")
+    p = argparse.ArgumentParser(
+        prog="agentpool fake-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9100)
     p.add_argument("--ttft-ms", type=float, default=env.ttft_ms, help="delay before the first token")
