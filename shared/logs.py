@@ -57,5 +57,6 @@ def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn.access"):
+    # httpx2/httpcore2: the SDKs' HTTP stack (anthropic, openai) logs every provider call at INFO.
+    for noisy in ("aio_pika", "aiormq", "httpx", "httpcore", "httpx2", "httpcore2", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

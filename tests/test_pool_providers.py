@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import httpx
 import pytest
 
-from shared.config import parse_config
+from shared.config import load_config, parse_config
 from shared.messages import Chunk, End
 from tests.conftest import System, wait_until
 from workers.fake_llm import FakeLLMSettings, running
@@ -15,6 +16,7 @@ from workers.fake_llm import FakeLLMSettings, running
 pytestmark = pytest.mark.timeout(90)
 
 KEY = "sk-fake-pool-test"
+ROOT = Path(__file__).resolve().parent.parent
 
 POOL = """
 [providers.oa]
@@ -119,3 +121,27 @@ async def test_bad_key_marks_the_replica_unhealthy_and_it_gets_no_traffic(make_s
         for i in range(6):
             reply = await system.client.ask("mix", "hi", thread_id=f"t-{i}")
             assert reply.agent_id == "mix-oa-1"
+
+
+async def test_the_shipped_providers_example_runs_on_both_sdks(make_system, monkeypatch) -> None:
+    """shared/pools.providers.example.toml as users run it, pointed at the fake server by the
+    SDKs' own base-URL variables (the file sets no base_url)."""
+    async with running(FakeLLMSettings(api_key=KEY, reply_tokens=12)) as fake:
+        # Given the env a user sets (keys) plus the SDKs' standard base-URL overrides
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{fake.url}/v1")
+        config = load_config(ROOT / "shared/pools.providers.example.toml")
+        system: System = await make_system(config)
+        # When each pool is asked, Then it answers through its own SDK's wire format
+        for pool, api, model in (
+            ("claude", "anthropic", "claude-sonnet-4-5"),
+            ("gpt", "openai", "gpt-4.1-mini"),
+        ):
+            before = fake.fake.requests[api]
+            end = await system.client.ask(pool, "hello", context_variables={"PRODUCT": "agentpool"})
+            assert end.agent_id.startswith(f"{pool}-"), end
+            assert end.content and end.usage.output_tokens == 12, end
+            assert fake.fake.requests[api] == before + 1
+            assert fake.fake.bodies[api][-1]["model"] == model
