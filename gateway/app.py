@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import redis.exceptions
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker.client import AgentPoolClient
+from broker.redis_conn import redis_unavailable
 from gateway import admin, external, routes
 from gateway.http import error_response
 from shared.config import Config, load_config
@@ -42,7 +44,12 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             *external.ROUTES,
         ],
         lifespan=lifespan,
-        exception_handlers={AgentPoolError: _on_error, HTTPException: _on_http_error},
+        exception_handlers={
+            AgentPoolError: _on_error,
+            HTTPException: _on_http_error,
+            redis.exceptions.ConnectionError: _on_redis_error,
+            redis.exceptions.TimeoutError: _on_redis_error,
+        },
     )
     app.state.settings = settings
     app.state.config = config
@@ -52,6 +59,11 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
 async def _on_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AgentPoolError)
     return error_response(exc, getattr(request.state, "rate_headers", None))  # set once rate-limited
+
+
+async def _on_redis_error(request: Request, exc: Exception) -> Response:
+    """Redis lost (or its pool exhausted) mid-handler: a 503 to retry, never a 500."""
+    return error_response(redis_unavailable(request.app.state.settings.redis_url, exc))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:

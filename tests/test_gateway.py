@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+
 import httpx
 import pytest
 
@@ -155,3 +158,24 @@ async def test_bad_input_gets_clear_4xx_and_nothing_breaks(make_system) -> None:
         # and the gateway still answers normally afterwards
         ok = await http.post("/v1/ask/p", json={"content": "still fine?"})
         assert ok.status_code == 200
+
+
+async def test_a_burst_wider_than_the_redis_pool_gets_answers_not_500s(make_system) -> None:
+    """256 asks at once through one gateway: more Redis commands in flight than its pool holds."""
+    system: System = await make_system(replicas=2, concurrency=16, max_depth=200)
+    limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http,
+    ):
+        # When 256 clients ask at the same moment
+        replies = await asyncio.gather(
+            *(http.post("/v1/ask/p", json={"content": f"burst {i}"}) for i in range(256))
+        )
+        codes = collections.Counter(r.status_code for r in replies)
+        # Then each gets an answer, or a clear 503 from a full pool; never a 500
+        assert set(codes) <= {200, 503}, codes
+        assert codes[200] >= 128, codes
+        for r in replies:
+            if r.status_code == 503:
+                assert r.json()["error_code"] == "POOL_SATURATED", r.text
