@@ -25,6 +25,7 @@ log = logging.getLogger("agentpool.amqp")
 
 PUBLISH_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 5.0  # aiormq waits for Close-Ok and the socket without a bound of its own
 
 
 class QueueFull(Exception):
@@ -125,4 +126,8 @@ class Amqp:
         conn, self._conn = self._conn, None
         self._channels = []
         if conn is not None:
-            await conn.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await conn.close()
+            except TimeoutError:
+                log.warning("RabbitMQ connection did not close in %.0fs; leaving it", CLOSE_TIMEOUT_S)
