@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.roundtrip import cleanup, closed_loop, http_one, pct  # noqa: E402
+from broker.client import MEMBERSHIP_REFRESH_S  # noqa: E402
 
 CONFIG = """
 [providers.fake-openai]
@@ -90,15 +91,18 @@ async def through(port: int, conc: int, n: int) -> list[float]:
     return [r[0] * 1000 for r in res]
 
 
-async def wait_http(url: str, deadline_s: float = 30) -> None:
+async def wait_http(
+    url: str, deadline_s: float = 30, headers: dict[str, str] | None = None, until: str = ""
+) -> None:
+    """Until ``url`` answers 200 (and its body contains ``until``)."""
     import aiohttp
 
     end = time.monotonic() + deadline_s
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=headers) as s:
         while True:
             try:
                 async with s.get(url) as r:
-                    if r.status == 200:
+                    if r.status == 200 and until in await r.text():
                         return
             except aiohttp.ClientError:
                 pass
@@ -151,9 +155,13 @@ def run_once(args: argparse.Namespace, conc: int) -> dict[str, float]:
     try:
 
         async def go() -> dict[str, float]:
-            await wait_http(f"http://127.0.0.1:{llm_port}/v1/models")
-            await wait_http(f"http://127.0.0.1:{port}/readyz")
-            await asyncio.sleep(2.0)  # replicas warm and in the gateway's membership
+            await wait_http(
+                f"http://127.0.0.1:{llm_port}/v1/models", headers={"Authorization": "Bearer sk-bench"}
+            )
+            # every replica warm and in the gateway's membership (refreshed each 0.5 s)
+            ready = f'"ready":{args.replicas},'
+            await wait_http(f"http://127.0.0.1:{port}/v1/pools", until=ready)
+            await asyncio.sleep(MEMBERSHIP_REFRESH_S * 2)
             d = await direct(llm_port, conc, args.n)
             t = await through(port, conc, args.n)
             return {
