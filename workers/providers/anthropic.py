@@ -8,10 +8,7 @@ parameters, so the agent type's ``temperature`` and ``top_p`` are not sent to th
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import os
-import time
 from collections.abc import Mapping
 
 import anthropic
@@ -22,7 +19,7 @@ from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
 from shared.messages import Usage
-from workers.providers.base import Emit, Message, Prompt, Provider
+from workers.providers.base import Emit, Message, Prompt, Provider, api_key, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ class AnthropicProvider(Provider):
         if self._client is None:
             self._client = anthropic.AsyncAnthropic(
                 base_url=self.config.base_url,
-                api_key=_api_key(self.config),
+                api_key=api_key(self.config),
                 timeout=self.agent_type.timeout_s,
                 max_retries=0,
             )
@@ -103,44 +100,6 @@ def _message(m: Message) -> MessageParam:
     if m.role == "user":
         return UserMessageParam(role="user", content=m.content)
     return AssistantMessageParam(role="assistant", content=m.content)
-
-
-def _api_key(config: ProviderConfig) -> str:
-    """The key from the environment variable the pools file names; fatal if it is unset."""
-    if not config.api_key_env:
-        raise ProviderError(
-            "anthropic provider needs api_key_env in the pools file",
-            error_code="PROVIDER_AUTH_FAILED",
-            fatal=True,
-        )
-    key = os.environ.get(config.api_key_env)
-    if not key:
-        raise ProviderError(
-            f"environment variable {config.api_key_env} (the anthropic API key) is not set",
-            error_code="PROVIDER_AUTH_FAILED",
-            fatal=True,
-        )
-    return key
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if given."""
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def translate_error(e: Exception) -> ProviderError:

@@ -10,13 +10,17 @@ model streams it and returns the token :class:`~shared.messages.Usage`. It raise
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import email.utils
+import os
+import time
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import msgspec
 
 from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
+from shared.errors import ProviderError
 from shared.messages import Usage
 
 
@@ -55,3 +59,41 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Close connections."""
+
+
+def api_key(config: ProviderConfig) -> str:
+    """The key from the environment variable the pools file names; fatal if it is unset."""
+    if not config.api_key_env:
+        raise ProviderError(
+            f"{config.kind} provider needs api_key_env in the pools file",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
+    key = os.environ.get(config.api_key_env)
+    if not key:
+        raise ProviderError(
+            f"environment variable {config.api_key_env} (the {config.kind} API key) is not set",
+            error_code="PROVIDER_AUTH_FAILED",
+            fatal=True,
+        )
+    return key
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date), if given."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
