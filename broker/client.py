@@ -218,6 +218,7 @@ class AgentPoolClient:
     async def _publish(self, req: Request, pool: Pool, track: bool) -> tuple[str, str]:
         plan = self.router.plan(req.pool, pool, req.thread_id)
         if not plan and not self.router.members(req.pool):
+            req.woke = True  # however it goes on, this request waits for its pool to come up
             await self.refresh_membership()  # a replica may have just come up
             plan = self.router.plan(req.pool, pool, req.thread_id)
         headers = {"thread_id": req.thread_id, "tenant": req.tenant}

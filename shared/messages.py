@@ -28,6 +28,7 @@ class Request(msgspec.Struct, kw_only=True, omit_defaults=True):
     start_by: float | None = None  # unix seconds: skip with QUEUE_TIMEOUT if not started by then
     replica: str = ""  # the replica the router chose (for depth accounting and metrics)
     tier: str = ""  # routing tier that chose it: sticky, spill, overflow
+    woke: bool = False  # its pool had no live replica when it was published: it waited for one
     context_variables: dict[str, str] = {}
     traceparent: str | None = None
 

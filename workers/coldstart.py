@@ -1,7 +1,8 @@
 """Cold starts: requests that waited for a pool at zero replicas to wake.
 
 The client publishes such a request to the pool's shared queue with tier ``queued`` and wakes the
-pool; the replica that takes it reports, in ``Timings.cold_start_ms``, how long the request waited
+pool (or, if a replica is up by the time it looks again, straight to it, marked ``woke``); the
+replica that takes it reports, in ``Timings.cold_start_ms``, how long the request waited
 for a replica to become ready. Each one is counted in Redis (``cold_starts`` hash, shown by the
 status API) and handed to the metrics module when it offers ``observe_cold_start(pool, ms)``.
 """
@@ -25,8 +26,9 @@ log = logging.getLogger("agentpool.worker")
 
 
 def cold_start_ms(req: Request, info: ReplicaInfo) -> float:
-    """Published -> this replica ready, for a request queued while its pool had no live replica."""
-    if req.tier != "queued":
+    """Published -> this replica ready, for a request that found its pool with no live replica
+    (queued, or routed to the first replica as it came up: a standby can be that quick)."""
+    if req.tier != "queued" and not req.woke:
         return 0.0
     ready_at = info.started_at + info.warmup_ms / 1000
     return round(max(0.0, (ready_at - req.created_at) * 1000), 3)
