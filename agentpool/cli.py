@@ -11,7 +11,7 @@ import asyncio
 import shutil
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agentpool import keys_cmd
 
@@ -23,6 +23,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
+_REQUIRED: Any = object()  # a worker option with no default (``--replica auto`` is None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,13 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8080)
 
     w = sub.add_parser("worker", help="run one warm replica")
-    w.add_argument("--pool", required=True)
-    w.add_argument("--deployment", required=True)
+    w.add_argument("--pool")
+    w.add_argument("--deployment")
     w.add_argument(
         "--replica",
         type=_replica_arg,
-        required=True,
+        default=_REQUIRED,
         help="replica number from 1, or auto: the lowest free slot, through a Redis lease",
+    )
+    w.add_argument(
+        "--standby",
+        action="store_true",
+        help="import everything, then wait for 'pool<TAB>deployment<TAB>n' on stdin (the supervisor's spare)",
     )
     w.add_argument("--drain-timeout-s", type=float, default=30.0)
     w.add_argument("--metrics-port", type=int, help="serve this replica's /metrics (outside a supervisor)")
@@ -57,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=9464,
         help="one /metrics endpoint summing every worker (default 9464; 0 = any free port)",
+    )
+    ws.add_argument(
+        "--no-standby",
+        dest="standby",
+        action="store_false",
+        help="keep no spare worker process with its imports done (saves its memory; starts are slower)",
     )
 
     f = sub.add_parser("fake-llm", help="run the fake LLM server (OpenAI + Anthropic wire formats)")
@@ -91,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         from workers import fake_llm
 
         return int(fake_llm.main(argv[1:]) or 0)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "worker" and not args.standby:
+        missing = [f"--{a}" for a in ("pool", "deployment") if getattr(args, a) is None]
+        missing += ["--replica"] if args.replica is _REQUIRED else []
+        if missing:
+            parser.error(f"worker needs {', '.join(missing)} (or --standby)")
     if args.command == "fake-llm":  # after global options: ``agentpool --config F fake-llm ...``
         from workers import fake_llm
 
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "dev": lambda: _dev(settings, config, args.host, args.port),
         "gateway": lambda: _gateway(settings, config, args.host, args.port),
         "worker": lambda: _worker(settings, config, args),
-        "workers": lambda: _workers(settings, config, args.pool, args.metrics_port),
+        "workers": lambda: _workers(settings, config, args.pool, args.metrics_port, args.standby),
         "scale": lambda: _scale(settings, config, args.pool, args.deployment, args.replicas),
         "check": lambda: _check(settings),
         "status": lambda: _status(settings, config, args.pool),
@@ -192,8 +210,10 @@ def _check(settings: Settings) -> int:
 
 
 def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int:
-    from workers.main import run_worker
+    from workers.main import run_standby, run_worker
 
+    if args.standby:
+        return run_standby(settings, config, drain_timeout_s=args.drain_timeout_s)
     return run_worker(
         settings,
         config,
@@ -205,7 +225,9 @@ def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int
     )
 
 
-def _workers(settings: Settings, config: Config, pools: list[str] | None, metrics_port: int | None) -> int:
+def _workers(
+    settings: Settings, config: Config, pools: list[str] | None, metrics_port: int | None, standby: bool
+) -> int:
     import uvloop
 
     from workers.main import install_stop_signals
@@ -215,7 +237,7 @@ def _workers(settings: Settings, config: Config, pools: list[str] | None, metric
         stop = asyncio.Event()
         install_stop_signals(stop)
         # metrics_port: one endpoint summing every worker
-        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port)
+        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port, standby=standby)
         await sup.async_run(stop)
 
     uvloop.run(run())

@@ -8,7 +8,9 @@ throw-away namespace and measures, per replica:
 - spawn-to-ready: ``exec`` of the process -> its heartbeat says ``ready`` (Python start, imports,
   connect to RabbitMQ/Redis, declare queues, warm the provider: what a scale-up waits for);
 - warm-up: the replica's own ``warmup_ms`` (connect + declare + warm, without interpreter start);
-- RSS: ``VmRSS`` of the process after it answered ``--requests`` requests.
+- RSS: ``VmRSS`` of the process after it answered ``--requests`` requests;
+- the same again for a standby (``agentpool worker --standby``, the supervisor's spare): from the
+  moment its imports are done and the slot is written to it, to ``ready``.
 
     python bench/replica_start.py --runs 5
 """
@@ -83,21 +85,42 @@ async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ign
         await asyncio.sleep(0.005)
 
 
-async def one_replica(client, env: dict[str, str], kind: str, n: int, requests: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    t0 = time.monotonic()
+async def start_standby(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    """A supervisor's spare (``agentpool worker --standby``), returned once its imports are done."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentpool",
-        "worker",
-        "--pool",
-        kind,
-        "--deployment",
-        "d",
-        "--replica",
-        str(n),
-        env=env,
-    )
+        sys.executable, "-m", "agentpool", "worker", "--standby",
+        env={**env, "AGENTPOOL_LOG_LEVEL": "INFO", "AGENTPOOL_LOG_FORMAT": "text"},
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while b"standby ready" not in (line := await proc.stderr.readline()):
+        if not line:
+            raise RuntimeError("the standby process exited")
+
+    async def drain(stream: asyncio.StreamReader) -> None:  # its log must never block it
+        while await stream.read(65536):
+            pass
+
+    return proc, asyncio.create_task(drain(proc.stderr))
+
+
+async def one_replica(
+    client, env: dict[str, str], kind: str, n: int, requests: int, standby: bool
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    drain = None
+    if standby:  # the clock starts when the supervisor would hand over the slot
+        proc, drain = await start_standby(env)
+        t0 = time.monotonic()
+        assert proc.stdin is not None
+        proc.stdin.write(f"{kind}\td\t{n}\n".encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+    else:
+        t0 = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentpool", "worker", "--pool", kind, "--deployment", "d",
+            "--replica", str(n), env=env,
+        )  # fmt: skip
     rid = f"{kind}-d-{n}"
     info = {}
 
@@ -117,6 +140,8 @@ async def one_replica(client, env: dict[str, str], kind: str, n: int, requests: 
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
+        if drain is not None:
+            await drain
 
 
 async def _member(client, pool: str, rid: str) -> bool:  # type: ignore[no-untyped-def]
@@ -164,10 +189,18 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         async with AgentPoolClient(settings, config) as client:
             for kind in args.kinds:
                 runs = [
-                    await one_replica(client, env, kind, n, args.requests) for n in range(1, args.runs + 1)
+                    await one_replica(client, env, kind, n, args.requests, standby=False)
+                    for n in range(1, args.runs + 1)
+                ]
+                spares = [
+                    await one_replica(client, env, kind, n, args.requests, standby=True)
+                    for n in range(1, args.runs + 1)
                 ]
                 out[kind] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 out[kind]["spawn_max_ms"] = max(r["spawn_ms"] for r in runs)
+                out[kind]["standby_ms"] = statistics.median(r["spawn_ms"] for r in spares)
+                out[kind]["standby_max_ms"] = max(r["spawn_ms"] for r in spares)
+                out[kind]["standby_rss_mb"] = statistics.median(r["rss_mb"] for r in spares)
                 print(f"{kind}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[kind].items()), flush=True)
     finally:
         fake.send_signal(signal.SIGTERM)
@@ -196,11 +229,18 @@ def main() -> None:
     args = ap.parse_args()
     out = asyncio.run(run(args))
     print(f"\nmedians of {args.runs} replicas started one at a time ({os.cpu_count()} CPUs)")
-    print("| provider | spawn-to-ready ms (max) | in-process warm-up ms | RSS warm MB |")
-    print("|---|---|---|---|")
+    print("(standby: the supervisor's spare, imports done, given the slot; it loads every provider")
+    print(" kind of the pools file, so its RSS is that of all of them)")
+    print("| provider | spawn-to-ready ms (max) | standby slot-to-ready ms (max) | in-process warm-up ms "
+          "| RSS warm MB | RSS warm MB, standby |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for kind, r in out.items():
         spawn = f"{r['spawn_ms']:.0f} ({r['spawn_max_ms']:.0f})"
-        print(f"| {kind} | {spawn} | {r['warmup_ms']:.0f} | {r['rss_mb']:.1f} |")
+        spare = f"{r['standby_ms']:.0f} ({r['standby_max_ms']:.0f})"
+        print(
+            f"| {kind} | {spawn} | {spare} | {r['warmup_ms']:.0f} | {r['rss_mb']:.1f} | "
+            f"{r['standby_rss_mb']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -280,11 +280,19 @@ async def test_per_tenant_pools_are_made_lazily_and_capped(make_system, tmp_path
 
             await wait_until(prewarmed, 30, "the configured tenant's pool pre-warmed")
             # When three tenants ask for the first time (one after the other), each gets its own pool
+            asked_at = time.time()
             replies = [await client.ask("t", "hi", tenant=t, thread_id=f"{t}-1") for t in "abc"]
             made = await client.fleet.tenants.names()
             assert sorted(made) == ["t--a", "t--b", "t--c", "t--pre"]
             assert [r.agent_id for r in replies] == ["t--a-main-1", "t--b-main-1", "t--c-main-1"]
-            assert all(r.timings.cold_start_ms > 0 for r in replies)
+            for t, r in zip("abc", replies, strict=True):
+                (info,) = await client.registry.all_entries(f"t--{t}")
+                # each tenant's replica was started for its first request (lazily), and its answer
+                # shows the wait for it: a cold start, unless the replica (a standby taking the
+                # slot) was ready before the request was even published
+                assert info.started_at >= asked_at, info
+                ready_at = info.started_at + info.warmup_ms / 1000
+                assert r.timings.cold_start_ms > 0 or ready_at <= r.created_at, (r.timings, info)
 
             # Then a fourth tenant is refused while every per-tenant pool is in use (5 = the cap)
             for t in "abc":
@@ -401,3 +409,26 @@ async def test_scale_down_stops_idle_replicas_and_keeps_the_busy_one(make_system
 async def _ready_ids_are(system: System, ids: set[str]) -> bool:
     live = await system.client.registry.replicas("p")
     return {r.id for r in live} == ids and all(r.status == "ready" for r in live)
+
+
+async def test_a_standby_process_takes_the_next_slot(make_system, tmp_path: Path) -> None:
+    """The supervisor keeps one spare with its imports done; a scale-up hands it the slot."""
+    path, config = pools_file(tmp_path, replicas=1)
+    system: System = await make_system(config, start=False)
+    client = system.client
+    async with supervisors(system.settings, path, config) as (sup,):
+        await wait_ready(client, 1)
+        assert sup.standby is not None
+        spare = sup.standby.proc
+        assert spare is not None and spare.returncode is None
+        # When ops scale up by one
+        await client.fleet.set_desired("p", "main", 2)
+        await wait_ready(client, 2)
+        # Then the new replica is the spare process, and a new spare is waiting in its place
+        pids = {r.pid for r in await ready(client)}
+        assert spare.pid in pids, (spare.pid, pids)
+        assert sup.standby.proc is not None and sup.standby.proc.pid not in pids
+        reply = await client.ask("p", "from the standby", thread_id="standby-1")
+        assert reply.content
+    # And on shutdown the spare is ended too (it holds no slot, so it just exits)
+    assert sup.standby.proc is None and spare.returncode is not None

@@ -9,12 +9,15 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import time
 
 import uvloop
 
 from shared import metrics
 from shared.config import Config
 from shared.settings import Settings
+from workers.providers import preload
 from workers.runtime import DRAIN_TIMEOUT_S, Worker
 from workers.slots import replica_slot
 
@@ -65,3 +68,20 @@ def run_worker(
         if endpoint is not None:
             endpoint.close()
     return EXIT_OK
+
+
+def run_standby(settings: Settings, config: Config, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+    """``agentpool worker --standby``: import what a replica of this pools file needs, then wait.
+
+    The supervisor writes one line ``pool<TAB>deployment<TAB>n`` on stdin when it needs that replica
+    started, and this process becomes it; end of input (the supervisor is gone) exits quietly.
+    """
+    t0 = time.monotonic()
+    for kind in sorted({p.kind for p in config.providers.values()}):
+        preload(kind)
+    log.info("standby ready: imports done in %.0f ms", (time.monotonic() - t0) * 1000)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return EXIT_OK
+    pool, deployment, n = line.rstrip("\n").split("\t")
+    return run_worker(settings, config, pool, deployment, int(n), drain_timeout_s)

@@ -67,19 +67,86 @@ def worker_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
     }
 
 
-async def spawn(r: Replica, env: dict[str, str]) -> None:
+STANDBY_CLOSE_S = 5.0
+
+
+class Standby:
+    """One spare worker process, started ahead of need, that has imported the worker runtime and
+    the providers the pools file uses and waits on its stdin for a slot.
+
+    Starting a replica is mostly interpreter start and imports (``import anthropic`` is ~3,200
+    modules, about 3 s on 2 CPUs), so handing the next slot to a spare cuts a scale-up or a
+    restart to connect + warm. The spare exits when its stdin closes (the supervisor is gone).
+    """
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self._env: dict[str, str] = {}
+
+    async def take(self, r: Replica, env: dict[str, str]) -> bool:
+        """Give ``r``'s slot to the spare; False if there is none fit to take it."""
+        p, self.proc = self.proc, None
+        if p is None:
+            return False
+        if p.returncode is not None or p.stdin is None or env != self._env:
+            await _discard(p)
+            return False
+        try:
+            p.stdin.write(f"{r.pool}\t{r.deployment}\t{r.n}\n".encode())
+            await p.stdin.drain()
+            p.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            await _discard(p)
+            return False
+        r.proc = p
+        r.started_at = time.monotonic()
+        return True
+
+    async def refill(self, env: dict[str, str]) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            return
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *_worker_cmd("--standby"), env=env, stdin=asyncio.subprocess.PIPE, start_new_session=True
+            )
+            self._env = env
+        except OSError as e:
+            log.warning("could not start a standby worker: %s", e)
+            self.proc = None
+
+    async def aclose(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None:
+            await _discard(p)
+
+
+async def _discard(p: asyncio.subprocess.Process) -> None:
+    """End a spare that holds no slot: EOF on stdin makes it exit; kill it if it does not."""
+    if p.returncode is None and p.stdin is not None:
+        p.stdin.close()
+    try:
+        async with asyncio.timeout(STANDBY_CLOSE_S):
+            await p.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        await p.wait()
+
+
+def _worker_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agentpool", "worker", *args]
+
+
+async def spawn(r: Replica, env: dict[str, str], standby: Standby | None = None) -> None:
+    """Start ``r``: on the standby process if there is one, else a new process."""
+    if standby is not None:
+        taken = await standby.take(r, env)
+        await standby.refill(env)  # the next spare starts importing now
+        if taken:
+            return
     try:
         r.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agentpool",
-            "worker",
-            "--pool",
-            r.pool,
-            "--deployment",
-            r.deployment,
-            "--replica",
-            str(r.n),
+            *_worker_cmd("--pool", r.pool, "--deployment", r.deployment, "--replica", str(r.n)),
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only; it drains them
         )

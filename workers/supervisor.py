@@ -53,6 +53,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         metrics: FleetMetrics | None = None,
         metrics_port: int | None = None,
+        standby: bool = True,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -60,6 +61,8 @@ class Supervisor:
         if metrics is None and metrics_port is not None:
             metrics = FleetMetrics(metrics_port)  # one /metrics endpoint summing every worker
         self.metrics = metrics  # started and closed with the supervisor
+        # A spare process with the imports done takes the next slot to start (see procs.Standby).
+        self.standby = procs.Standby() if standby else None
         self.names = Names(settings.namespace)
         self.only = set(pools) if pools else None
         self.redis = connect(settings.redis_url)
@@ -84,6 +87,8 @@ class Supervisor:
         try:
             if self.metrics is not None:
                 self.metrics.start()
+            if self.standby is not None:
+                await self.standby.refill(self.env())
             await self.boot()
             while not stop.is_set():
                 self._nudge.clear()
@@ -139,6 +144,8 @@ class Supervisor:
                 with contextlib.suppress(*REDIS_ERRORS):
                     await self.leases.retire(r.pool, r.deployment, r.n, limit=-1)
         await procs.stop_all(mine, STOP_TIMEOUT_S)
+        if self.standby is not None:
+            await self.standby.aclose()
 
     async def _let_go(self) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
@@ -243,7 +250,7 @@ class Supervisor:
                 self._exited(r, unexpected=True)
                 procs.on_exit(r, now)
             if r.proc is None and now >= r.next_start:
-                await procs.spawn(r, self.env())
+                await procs.spawn(r, self.env(), self.standby)
 
     async def _grow(
         self, snap: PoolSnapshot, dep: str, want: int, active: int, n_peers: int, starving: bool
@@ -280,7 +287,7 @@ class Supervisor:
     async def start(self, pool: str, dep: str, n: int, generation: int) -> Replica:
         r = Replica(pool, dep, n, generation=generation)
         self.replicas[r.key] = r
-        await procs.spawn(r, self.env())
+        await procs.spawn(r, self.env(), self.standby)
         log.info("started replica %s (pid %d)", r.id, r.pid)
         return r
 

@@ -22,3 +22,8 @@ def build_provider(config: ProviderConfig, agent_type: AgentType) -> Provider:
     module, _, cls = _MODULES[config.kind].partition(":")
     provider_cls: type[Provider] = getattr(importlib.import_module(module), cls)
     return provider_cls(config, agent_type)
+
+
+def preload(kind: str) -> None:
+    """Import the module of a provider kind now (what a standby replica does ahead of need)."""
+    importlib.import_module(_MODULES[kind].partition(":")[0])
