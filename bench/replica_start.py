@@ -89,7 +89,7 @@ async def start_standby(env: dict[str, str]) -> tuple[asyncio.subprocess.Process
     """A supervisor's spare (``agentpool worker --standby``), returned once its imports are done."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentpool", "worker", "--standby",
-        env={**env, "AGENTPOOL_LOG_LEVEL": "INFO", "AGENTPOOL_LOG_FORMAT": "text"},
+        env={**env, "AGENTPOOL_LOG_LEVEL": "DEBUG", "AGENTPOOL_LOG_FORMAT": "text"},
         stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import uvloop
 
@@ -76,10 +75,10 @@ def run_standby(settings: Settings, config: Config, drain_timeout_s: float = DRA
     The supervisor writes one line ``pool<TAB>deployment<TAB>n`` on stdin when it needs that replica
     started, and this process becomes it; end of input (the supervisor is gone) exits quietly.
     """
-    t0 = time.monotonic()
-    for kind in sorted({p.kind for p in config.providers.values()}):
+    kinds = sorted({p.kind for p in config.providers.values()})
+    for kind in kinds:
         preload(kind)
-    log.info("standby ready: imports done in %.0f ms", (time.monotonic() - t0) * 1000)
+    log.debug("standby ready: the runtime and the %s providers are imported", ", ".join(kinds))
     line = sys.stdin.readline()
     if not line.strip():
         return EXIT_OK
