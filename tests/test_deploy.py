@@ -8,6 +8,7 @@ the pools file they are given, and KEDA's queue pattern matches the queues worke
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/k8s"
 
 
-def parses(argv: list[str]) -> None:
-    """Raises SystemExit (argparse) if the command line would be refused."""
+def parses(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; SystemExit (argparse) if it would be refused."""
     if argv[:1] == ["fake-llm"]:
-        fake_llm_parser().parse_args(argv[1:])
-    else:
-        agentpool_parser().parse_args(argv)
+        return fake_llm_parser().parse_args(argv[1:])
+    return agentpool_parser().parse_args(argv)
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -48,9 +48,8 @@ def test_compose_services_run_commands_the_cli_accepts() -> None:
     assert {"gateway", "workers", "worker", "fake-llm"} <= set(ours)
     example = load_config(ROOT / "shared/pools.example.toml")  # what the image runs by default
     for name, service in ours.items():
-        parses(service["command"])
-        args = agentpool_parser().parse_args(service["command"]) if name != "fake-llm" else None
-        if args is not None and args.command == "worker":
+        args = parses(service["command"])
+        if getattr(args, "command", None) == "worker":  # (fake-llm's namespace has no command)
             pool = example.pools[args.pool]
             assert args.deployment in {d.name for d in pool.deployments}, name
         for dep in service.get("depends_on", {}):
@@ -69,9 +68,8 @@ def test_kubernetes_containers_run_commands_the_cli_accepts() -> None:
     for d in deployments:
         for container in d["spec"]["template"]["spec"]["containers"]:
             if container["image"].startswith("agentpool"):
-                parses(container["args"])
-                args = agentpool_parser().parse_args(container["args"])
-                if args.command == "worker":
+                args = parses(container["args"])
+                if getattr(args, "command", None) == "worker":
                     assert args.deployment in {x.name for x in pools.pools[args.pool].deployments}
 
 
