@@ -35,6 +35,7 @@ class Outcome:
     error_code: str = ""
     latency_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    final: Error | None = None  # for "parked": written by the runtime once the message is parked
 
 
 async def run_job(worker: Worker, req: Request, received_at: float, redelivered: bool = False) -> Outcome:
@@ -61,10 +62,11 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         await store.finish(_error(req, "CANCELLED", "the client cancelled the request"))
         return Outcome("skipped", "CANCELLED")
     if status == BEGIN_EXHAUSTED:
-        await store.finish(
-            _error(req, "REQUEST_POISONED", f"the request failed {attempt - 1} attempts; parked", attempt)
-        )
-        return Outcome("parked", "REQUEST_POISONED")
+        # The runtime parks the message first and then writes this error, so a client that sees
+        # REQUEST_POISONED can find the message in the parking queue; a crash in between only
+        # parks it twice, never loses it or the client's final event.
+        why = f"the request failed {attempt - 1} attempts; parked"
+        return Outcome("parked", "REQUEST_POISONED", final=_error(req, "REQUEST_POISONED", why, attempt))
     if attempt > 1:
         worker.metrics.redelivered()
     history = [Message(t.role, t.content) for t in map(TURN_DECODER.decode, raw_history)]

@@ -28,7 +28,7 @@ from broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
 from broker.streams import ReplyStore
 from shared.config import Config
 from shared.errors import ProviderError
-from shared.messages import REQUEST_DECODER, WIRE_VERSION, Request, Usage
+from shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request, Usage
 from shared.names import Names, replica_id
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
@@ -241,7 +241,7 @@ class Worker:
                 extra=log_fields(self, req),
             )
         if outcome.kind == "parked":
-            await self._park(message)
+            await self._park(message, outcome.final)
             self._count(outcome)
             return
         await _settle(message.ack())
@@ -256,8 +256,11 @@ class Worker:
         if self.on_outcome is not None:
             self.on_outcome(outcome)
 
-    async def _park(self, message: AbstractIncomingMessage) -> None:
-        """Move a poison message to the pool's parking queue, then ack the original."""
+    async def _park(self, message: AbstractIncomingMessage, final: Error | None = None) -> None:
+        """Move a poison message to the pool's parking queue, write its final event, then ack the
+        original: publish (confirmed) → final event → ack. A crash or a Redis error between the
+        steps redelivers the message, which at worst parks it twice; nothing is lost."""
+        parked = True
         try:
             await self.amqp.publish(
                 self.names.parking_queue(self.pool_name),
@@ -267,9 +270,16 @@ class Worker:
             )
         except Exception as e:
             log.error("could not park %s: %s; dropping it to the dead-letter path", message.message_id, e)
-            await _settle(message.reject(requeue=False))
-            return
-        await _settle(message.ack())
+            parked = False
+        if final is not None:
+            try:
+                await self.store.finish(final)
+            except REDIS_ERRORS as e:
+                log.warning("request %s: Redis unavailable (%s); handing it back", final.request_id, e)
+                await asyncio.sleep(REDIS_RETRY_DELAY_S)
+                await _settle(message.nack(requeue=True))
+                return
+        await _settle(message.ack() if parked else message.reject(requeue=False))
 
 
 async def _settle(op: object) -> None:
