@@ -148,7 +148,7 @@ async def test_open_mode_rule(make_system) -> None:
         assert (await http.get("/v1/keys")).status_code == 200
         # A dev key keeps it open; the dev key works, and a bad key is still refused
         _info, dev = await store(system).create("default", ["ask", "admin"], dev=True)
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(1.1)  # outlast the 1 s auth-mode cache: still open
         assert (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 200
         assert (await http.post("/v1/ask/p", json={"content": "hi"}, headers=h(dev))).status_code == 200
         assert (await http.post("/v1/ask/p", json={"content": "hi"}, headers=h("bad"))).status_code == 401
@@ -160,7 +160,7 @@ async def test_open_mode_rule(make_system) -> None:
 
         await wait_until(closed, 3, "auth required after the first key")
         await store(system).revoke(key_id)
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(1.1)  # outlast the 1 s auth-mode cache: still closed
         assert await closed()
     await system.client.redis.delete(system.client.names.auth_enforced())
     # AGENTPOOL_AUTH=required closes it with no key at all

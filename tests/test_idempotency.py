@@ -9,7 +9,7 @@ import pytest
 
 from gateway.idempotency import IDEM_TTL_S
 from tests.api_helpers import h, make_key, receiver, tenant_config
-from tests.conftest import System, running_gateway
+from tests.conftest import System, running_gateway, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,10 +42,13 @@ async def test_a_repeat_returns_the_first_answer_and_runs_once(make_system) -> N
         )
         # the thread got one turn (user + assistant), not three
         assert await system.client.redis.llen(system.client.names.thread("default", "t-idem")) == 2
-        # and the result is kept as long as the key
-        await asyncio.sleep(0.3)
-        ttl = await system.client.redis.ttl(system.client.names.reply(first.json()["request_id"]))
-        assert IDEM_TTL_S - 60 < ttl <= IDEM_TTL_S
+        # and the result is kept as long as the key (a background step at the request's end)
+        reply_key = system.client.names.reply(first.json()["request_id"])
+
+        async def kept() -> bool:
+            return IDEM_TTL_S - 60 < await system.client.redis.ttl(reply_key) <= IDEM_TTL_S
+
+        await wait_until(kept, 5, "the reply stream's TTL raised to the key's")
 
 
 async def test_concurrent_repeats_share_one_request(make_system) -> None:
@@ -106,7 +109,7 @@ async def test_a_webhook_repeat_gets_the_same_202_and_one_delivery(make_system) 
         again = await http.post("/v1/ask/pa", json=body, headers=idem("w1"))
         assert first.status_code == again.status_code == 202 and first.json() == again.json()
         await rec.wait_for(1)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # and no second delivery follows
         assert len(rec.deliveries) == 1
 
 
@@ -119,7 +122,12 @@ async def test_a_request_that_was_not_published_releases_its_key(make_system) ->
         httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
         busy = [asyncio.create_task(http.post("/v1/ask/pa", json={"content": f"b{i}"})) for i in range(10)]
-        await asyncio.sleep(0.5)
+        (worker,) = system.workers.values()  # concurrency 4: 4 running + 6 queued fill max_depth
+
+        async def full() -> bool:
+            return await worker._ready_count() == 6
+
+        await wait_until(full, 5, "10 requests in the replica")
         r = await http.post("/v1/ask/pa", json={"content": "later"}, headers=idem("retry-me"))
         assert r.status_code == 503 and r.json()["error_code"] == "POOL_SATURATED"
         # refused before publishing: the key is free again, and a retry goes through

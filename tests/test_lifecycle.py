@@ -83,7 +83,11 @@ async def test_second_signal_exits_at_once(make_system, tmp_path: Path) -> None:
         stream = system.client.stream("p", "long one", thread_id="drain-2")
         assert isinstance(await anext(stream), Start)
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.1)  # let the first signal be handled before the second
+
+        async def draining() -> bool:  # the first signal is handled (two pending ones would merge)
+            return any(r.status == "draining" for r in await system.client.registry.replicas("p"))
+
+        await wait_until(draining, 5, "the replica draining")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 5) == 130
         await stream.aclose()

@@ -67,7 +67,7 @@ async def test_result_is_posted_with_a_valid_signature(make_system) -> None:
         assert payload["usage"]["output_tokens"] > 0 and payload["timings"]["total_ms"] > 0
         # the result is also readable by id
         assert (await http.get(f"/v1/requests/{ids['request_id']}")).json()["content"] == payload["content"]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # and no second delivery follows
         assert len(rec.deliveries) == 1
 
 
@@ -80,7 +80,7 @@ async def test_retried_on_500_then_delivered(make_system) -> None:
     ):
         await _ask(http, rec)
         await rec.wait_for(3)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # and no fourth attempt follows
         assert [d.headers["x-webhook-attempt"] for d in rec.deliveries] == ["1", "2", "3"]
         assert len({d.body for d in rec.deliveries}) == 1  # the same signed body every time
         assert not await system.client.redis.exists(system.client.names.webhooks_due())
@@ -116,7 +116,7 @@ async def test_a_pending_delivery_survives_a_gateway_restart(make_system) -> Non
         # Then a new gateway delivers it, once
         async with running_gateway(system.settings, system.config):
             await rec.wait_for(failed_before + 1)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # and no second delivery follows
         ok = rec.deliveries[failed_before:]
         assert len(ok) == 1 and ok[0].headers["x-request-id"] == ids["request_id"]
         assert json.loads(ok[0].body)["status"] == "completed"
@@ -150,7 +150,7 @@ async def test_two_gateways_never_both_deliver(make_system) -> None:
             )
             assert r.status_code == 202
         await rec.wait_for(8)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # and no duplicate follows from the other gateway
         ids = [d.headers["x-request-id"] for d in rec.deliveries]
         assert len(ids) == len(set(ids)) == 8
 
@@ -195,6 +195,6 @@ async def test_deliveries_wait_for_the_due_time(make_system) -> None:
         httpx.AsyncClient(base_url=url) as http,
     ):
         await _ask(http, rec)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # nothing is delivered while the request runs
         assert rec.deliveries == []
         await wait_until(lambda: len(rec.deliveries) == 1, 10, "the delivery after the end")
