@@ -53,13 +53,18 @@ def pools_file(
 
 @contextlib.asynccontextmanager
 async def supervisors(
-    settings: Settings, path: Path, config: Config, n: int = 1
+    settings: Settings, path: Path, config: Config, n: int = 1, stagger_s: float = 0.0
 ) -> AsyncIterator[list[Supervisor]]:
-    """``n`` supervisors in this event loop (their workers are real processes); stopped on exit."""
+    """``n`` supervisors in this event loop (their workers are real processes), each started
+    ``stagger_s`` after the one before; stopped on exit."""
     s = replace(settings, config_path=str(path))
     sups = [Supervisor(s, config) for _ in range(n)]
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(sup.async_run(stop)) for sup in sups]
+    tasks = []
+    for i, sup in enumerate(sups):
+        if i and stagger_s:
+            await asyncio.sleep(stagger_s)  # the scenario: supervisors that start a moment apart
+        tasks.append(asyncio.create_task(sup.async_run(stop)))
     try:
         yield sups
     finally:

@@ -111,7 +111,8 @@ async def test_two_supervisors_share_four_replicas(make_system, tmp_path: Path) 
     path, config = pools_file(tmp_path, replicas=4)
     system: System = await make_system(config, start=False)
     client = system.client
-    async with supervisors(system.settings, path, config, n=2) as (a, b):
+    # Given two supervisors that start 0.1 s apart (within DISCOVERY_S of each other)
+    async with supervisors(system.settings, path, config, n=2, stagger_s=0.1) as (a, b):
         await wait_ready(client, 4)
         # Then exactly 4 run, for several reconcile rounds, with unique ids, split between the two
         deadline = time.monotonic() + 2.0

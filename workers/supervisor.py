@@ -4,8 +4,9 @@ Several supervisors (hosts, containers) share the count through Redis leases (br
 each replica slot ``(pool, deployment, n)`` is run by the one supervisor holding its lease, and a
 slot is claimed only while fewer than the desired slots are active, so the fleet runs exactly the
 desired replicas with unique ids. Each supervisor first claims its fair share (desired / live
-supervisors of the pool), then any deficit left unfilled for ``STARVE_S``; a dead supervisor's
-leases lapse after ``LEASE_TTL_MS`` and the others claim its slots.
+supervisors of the pool, counted ``DISCOVERY_S`` after it announced itself), then any deficit
+left unfilled for ``STARVE_S``; a dead supervisor's leases lapse after ``LEASE_TTL_MS`` and the
+others claim its slots.
 
 Desired counts come from broker/fleet.py: ``desired:{pool}:{deployment}`` (``agentpool scale`` or
 the admin API), else the pools file; a pool idle for ``idle_timeout_s`` runs ``min_replicas``.
@@ -40,6 +41,7 @@ log = logging.getLogger("agentpool.supervisor")
 RECONCILE_S = 0.5
 RENEW_S = 0.5
 STARVE_S = 2.0  # a deficit this old is filled even beyond our fair share
+DISCOVERY_S = 0.3  # after announcing ourselves, wait this long for peers before the first claim
 STOP_TIMEOUT_S = 40.0
 
 
@@ -87,9 +89,15 @@ class Supervisor:
         try:
             if self.metrics is not None:
                 self.metrics.start()
+            await self.boot()  # announces us to the pools' other supervisors
+            settle_until = time.monotonic() + DISCOVERY_S
             if self.standby is not None:
                 await self.standby.refill(self.env())
-            await self.boot()
+            # Like Kafka's initial rebalance delay: supervisors started together see each other
+            # before their first claim, so they split the slots instead of the first taking all.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, settle_until - time.monotonic())):
+                    await stop.wait()
             while not stop.is_set():
                 self._nudge.clear()
                 try:
