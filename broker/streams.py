@@ -4,9 +4,10 @@ Write side (:class:`ReplyStore`): two Lua scripts make a request's life atomic w
 ``begin`` refuses a finished or cancelled request, counts the attempt, writes ``restart`` (for
 attempt > 1, or a redelivery whose count was lost with a Redis restart) and ``start``, and
 returns the thread history, all in one round trip. ``finish``
-writes the one final event (``end`` or ``error``) and appends the thread's turns only if no final
-event was written before (``SET done NX``): a redelivered or duplicated request can never produce
-two ``end`` events or two thread turns.
+writes the one final event (``end`` or ``error``), preceded by the reply's last ``chunk`` when
+the writer still held one, and appends the thread's turns, only if no final event was written
+before (``SET done NX``): a redelivered or duplicated request can never produce two ``end``
+events or two thread turns. Both entries land in one reply to a blocked ``XREAD``.
 
 Read side (:class:`ReplyReader`): one task per process runs one ``XREAD BLOCK`` over every active
 reply stream and fans entries out to per-request queues. A new subscription wakes the blocked
@@ -61,10 +62,11 @@ return {n, hist}
 
 _FINISH = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
+if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 't', 'chunk', 'd', ARGV[7]) end
 redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-if #ARGV > 6 then
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 7))
+if #ARGV > 7 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 8))
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
@@ -135,8 +137,16 @@ class ReplyStore:
             _, cancelled = await p.execute()
         return bool(cancelled)
 
-    async def finish(self, event: End | Error, *, thread_key: str = "", turns: Sequence[bytes] = ()) -> bool:
-        """Write the final event (and thread turns) unless one was written already."""
+    async def finish(
+        self,
+        event: End | Error,
+        *,
+        thread_key: str = "",
+        turns: Sequence[bytes] = (),
+        last_chunk: Chunk | None = None,
+    ) -> bool:
+        """Write the final event (after ``last_chunk``, and with the thread turns) unless one was
+        written already."""
         n = self.names
         kind = "end" if isinstance(event, End) else "error"
         res = await self._finish(
@@ -148,6 +158,7 @@ class ReplyStore:
                 REPLY_TTL_AFTER_END_S,
                 THREAD_TTL_S,
                 THREAD_MAX_ENTRIES,
+                EVENT_ENCODER.encode(last_chunk) if last_chunk is not None else b"",
                 *turns,
             ],
         )

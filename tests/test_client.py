@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from broker.streams import entry_order
 from shared.errors import NotFound
-from shared.messages import Chunk, End, Start
+from shared.messages import Chunk, End, Error, Start
 from tests.conftest import System
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,6 +29,31 @@ async def test_stream_yields_start_chunks_end_in_order(make_system) -> None:
     chunks = [e for e in events[1:-1] if isinstance(e, Chunk)]
     assert len(chunks) >= 10  # paced tokens arrive as separate chunks
     assert "".join(c.text for c in chunks) == events[-1].content
+
+
+async def test_an_instant_reply_lands_as_one_chunk_with_its_end(make_system) -> None:
+    # Given a model that produces the whole reply at once (fake, no pacing)
+    system: System = await make_system(replicas=1, tokens_per_s=0, reply_tokens=20)
+    client = system.client
+    events = [e async for e in client.stream("p", "all at once")]
+    # Then the text comes as one chunk, written in the same step as the end event
+    assert [type(e) for e in events] == [Start, Chunk, End]
+    assert events[1].text == events[2].content and events[2].usage.output_tokens == 20
+    entries = await client.redis.xrange(client.names.reply(events[2].request_id))
+    assert [f[b"t"] for _, f in entries] == [b"start", b"chunk", b"end"]
+    (chunk_ms, chunk_seq), (end_ms, end_seq) = (entry_order(i) for i, _ in entries[1:])
+    assert (end_ms, end_seq) == (chunk_ms, chunk_seq + 1)  # one Lua call: adjacent ids
+
+
+async def test_a_second_finish_writes_neither_its_chunk_nor_its_end(make_system) -> None:
+    system: System = await make_system(start=False)
+    store, rid = system.client.store, "f" * 32
+    first = Error(request_id=rid, error_code="PROVIDER_ERROR", error="one")
+    assert await store.finish(first, last_chunk=Chunk(text="one"))
+    again = Error(request_id=rid, error_code="PROVIDER_ERROR", error="two")
+    assert not await store.finish(again, last_chunk=Chunk(text="two"))
+    entries = await system.client.redis.xrange(system.client.names.reply(rid))
+    assert [(f[b"t"], b"one" in f[b"d"]) for _, f in entries] == [(b"chunk", True), (b"error", True)]
 
 
 async def test_unknown_pool_is_not_found(make_system) -> None:

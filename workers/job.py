@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED
 from shared.errors import ProviderError
-from shared.messages import TURN_DECODER, TURN_ENCODER, End, Error, Request, Timings, Turn, Usage
+from shared.messages import TURN_DECODER, TURN_ENCODER, Chunk, End, Error, Request, Timings, Turn, Usage
 from workers import coldstart
 from workers.chunks import ChunkWriter
 from workers.providers.base import Message
@@ -110,7 +110,7 @@ async def _generate(
         writer.abort()
         await worker.store.finish(_error(req, "INTERNAL", f"agent failed: {type(e).__name__}", attempt))
         return Outcome("error", "INTERNAL")
-    await writer.close()
+    tail = await writer.close_tail()
     content = writer.text()
     now = time.monotonic()
     first = writer.first_at or now
@@ -136,7 +136,8 @@ async def _generate(
         TURN_ENCODER.encode(Turn("user", req.content, req.request_id)),
         TURN_ENCODER.encode(Turn("assistant", content, req.request_id)),
     )
-    won = await worker.store.finish(end, thread_key=thread_key, turns=turns)
+    last_chunk = Chunk(text=tail, attempt=attempt) if tail else None
+    won = await worker.store.finish(end, thread_key=thread_key, turns=turns, last_chunk=last_chunk)
     if won and cold_ms:
         await coldstart.record(worker, req.pool, cold_ms)
     extra: dict[str, object] = {"usage": usage, "timings": end.timings}  # for the metrics hook
