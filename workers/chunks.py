@@ -1,6 +1,6 @@
 """Coalescing chunk writer: text emitted while the previous XADD is in flight rides the next one.
 
-The first piece goes out at once (no added latency to the first token); under a fast stream
+The first piece goes out after one event-loop turn (microseconds); under a fast stream
 the writer sends one entry per Redis round trip instead of one per token, which is where most
 of the per-request CPU went in the floor benchmark. Text still unwritten when generation ends
 (:meth:`ChunkWriter.close_tail`) rides the final event's own write, so a reply whose last tokens
