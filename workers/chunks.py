@@ -30,13 +30,7 @@ class ChunkWriter:
         self._closing = False
         self._keep_tail = False
         self.first_at: float | None = None
-        self.last_at: float | None = None
-        self.entries = 0
         self._task = asyncio.create_task(self._run(), name=f"chunks-{request_id}")
-
-    @property
-    def emitted(self) -> bool:
-        return bool(self._parts)
 
     def text(self) -> str:
         return "".join(self._parts)
@@ -44,10 +38,8 @@ class ChunkWriter:
     def emit(self, text: str) -> None:
         if not text:
             return
-        now = time.monotonic()
         if self.first_at is None:
-            self.first_at = now
-        self.last_at = now
+            self.first_at = time.monotonic()
         self._pending.append(text)
         self._parts.append(text)
         self._wake.set()
@@ -64,7 +56,6 @@ class ChunkWriter:
             if self._pending:
                 text = "".join(self._pending)
                 self._pending.clear()
-                self.entries += 1
                 if await self._store.chunk(self._request_id, text, self._attempt):
                     self._on_cancel()
             if self._closing and not self._pending:
