@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-llm"]:
         # Its own parser takes every option (argparse.REMAINDER drops a leading --port).
-        from workers import fake_llm
+        from agentpool import fake_llm
 
         return int(fake_llm.main(argv[1:]) or 0)
     parser = _parser()
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"worker needs {', '.join(missing)} (or --standby)")
     if args.command == "fake-llm":  # after global options: ``agentpool --config F fake-llm ...``
-        from workers import fake_llm
+        from agentpool import fake_llm
 
         return int(fake_llm.main(args.args) or 0)
 

@@ -168,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     fake = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "workers.fake_llm",
+        "agentpool.fake_llm",
         "--host",
         "127.0.0.1",
         "--port",

@@ -8,7 +8,7 @@ format: a reader refuses a version it does not know instead of misreading it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -31,6 +31,15 @@ class Request(msgspec.Struct, kw_only=True, omit_defaults=True):
     woke: bool = False  # its pool had no live replica when it was published: it waited for one
     context_variables: dict[str, str] = {}
     traceparent: str | None = None
+    resume: Resume | None = None  # continues an interrupted run instead of starting one
+
+
+class Resume(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A human's decision on the tool call an interrupted run waits for."""
+
+    request_id: str  # the interrupted request
+    approve: bool
+    reason: str = ""
 
 
 class Usage(msgspec.Struct, omit_defaults=True):
@@ -68,6 +77,38 @@ class Restart(msgspec.Struct, tag="restart", kw_only=True):
     agent_id: str
 
 
+class ToolCall(msgspec.Struct, tag="tool_call", kw_only=True):
+    """The model (or a python agent) asks for a tool; ``id`` pairs it with its :class:`ToolResult`."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = {}
+    attempt: int = 1
+
+
+class ToolResult(msgspec.Struct, tag="tool_result", kw_only=True):
+    """What a tool returned (``content``), or why it failed (``is_error`` with ``error_code``)."""
+
+    id: str
+    name: str
+    content: str
+    is_error: bool = False
+    error_code: str = ""  # TOOL_ERROR, TOOL_TIMEOUT, TOOL_ARGUMENTS_INVALID, TOOL_DENIED, ...
+    duration_ms: float = 0.0
+    attempt: int = 1
+
+
+class Step(msgspec.Struct, tag="step", kw_only=True):
+    """A custom step of an agent (a hand-off, a plan...): ``name`` and JSON ``data``."""
+
+    name: str
+    data: Any = None
+    attempt: int = 1
+
+
+StepEvent = ToolCall | ToolResult | Step
+
+
 class End(msgspec.Struct, tag="end", kw_only=True):
     request_id: str
     thread_id: str
@@ -77,6 +118,25 @@ class End(msgspec.Struct, tag="end", kw_only=True):
     timings: Timings
     created_at: float
     attempt: int = 1
+    steps: list[StepEvent] = []  # tool calls, tool results and custom steps, in order
+    resumed_from: str | None = None  # the interrupted request this run continued
+
+
+class Interrupt(msgspec.Struct, tag="interrupt", kw_only=True):
+    """The run paused before ``tool_call``, which needs a human's approval: resume it by id.
+
+    A final event like ``end``: the request is waiting, its thread is marked so."""
+
+    request_id: str
+    thread_id: str
+    agent_id: str
+    tool_call: ToolCall
+    content: str = ""  # text streamed before the pause
+    usage: Usage = msgspec.field(default_factory=Usage)
+    steps: list[StepEvent] = []
+    created_at: float = 0.0
+    attempt: int = 1
+    resumed_from: str | None = None
 
 
 class Error(msgspec.Struct, tag="error", kw_only=True):
@@ -87,9 +147,11 @@ class Error(msgspec.Struct, tag="error", kw_only=True):
     retryable: bool = False
 
 
-Event = Start | Chunk | Restart | End | Error
-EventType = Literal["start", "chunk", "restart", "end", "error"]
-FINAL_TYPES = frozenset({b"end", b"error"})
+Event = Start | Chunk | Restart | ToolCall | ToolResult | Step | End | Interrupt | Error
+EventType = Literal[
+    "start", "chunk", "restart", "tool_call", "tool_result", "step", "end", "interrupt", "error"
+]
+FINAL_TYPES = frozenset({b"end", b"error", b"interrupt"})
 
 REQUEST_ENCODER = msgspec.msgpack.Encoder()
 REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
@@ -102,13 +164,23 @@ def event_fields(event: Event) -> dict[bytes, bytes]:
     return {b"t": type(event).__struct_config__.tag.encode(), b"d": EVENT_ENCODER.encode(event)}  # type: ignore[union-attr]
 
 
-class Turn(msgspec.Struct, array_like=True):
-    """One message of a thread's history, as stored in ``thread:{tenant}:{thread_id}``."""
+class Message(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One message of a conversation: a thread's history entry (``thread:{tenant}:{thread_id}``)
+    and what a model call is given, independent of any provider's API format.
 
-    role: Literal["user", "assistant"]
+    ``assistant`` messages may carry ``tool_calls``; a ``tool`` message is the result of the call
+    ``tool_call_id``. Stored as a msgpack array: the first three fields are the format of the
+    earlier text-only turns, so old history still decodes.
+    """
+
+    role: Literal["user", "assistant", "tool"]
     content: str
     request_id: str = ""
+    tool_calls: list[ToolCall] = []
+    tool_call_id: str = ""
+    name: str = ""  # the tool's name, on a tool message
+    is_error: bool = False
 
 
-TURN_ENCODER = msgspec.msgpack.Encoder()
-TURN_DECODER = msgspec.msgpack.Decoder(Turn)
+MESSAGE_ENCODER = msgspec.msgpack.Encoder()
+MESSAGE_DECODER = msgspec.msgpack.Decoder(Message)

@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agentpool.fake_llm import FakeLLMSettings, running
 from shared.config import load_config, parse_config
 from shared.messages import Chunk, End
 from tests.conftest import System, wait_until
-from workers.fake_llm import FakeLLMSettings, running
 
 pytestmark = pytest.mark.timeout(90)
 

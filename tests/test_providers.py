@@ -16,15 +16,15 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from agentpool.fake_llm import FakeLLMSettings, Running, running
 from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
-from shared.messages import Usage
+from shared.fake_model import count_tokens, fake_tokens
+from shared.messages import Message, Usage
 from tests.conftest import free_port, wait_until
-from workers.fake_llm import FakeLLMSettings, Running, running
 from workers.providers import build_provider
-from workers.providers.base import Message, Prompt, Provider
-from workers.providers.fake import count_tokens, fake_tokens
+from workers.providers.base import Prompt, Provider, Reply
 from workers.providers.retry import BACKOFF_CAP_S, backoff_s, generate_with_retries
 
 KEY = "sk-fake-test"
@@ -108,7 +108,7 @@ class Recorder:
     async def sleep(self, seconds: float) -> None:
         self.delays.append(seconds)
 
-    async def run(self, provider: Provider, p: Prompt, retries: int) -> Usage:
+    async def run(self, provider: Provider, p: Prompt, retries: int) -> Reply:
         return await generate_with_retries(
             provider, p, self.emit, retries=retries, on_retry=self.on_retry, sleep=self.sleep
         )
@@ -123,13 +123,14 @@ async def test_streams_text_in_pieces_and_reports_usage(make_provider: MakeProvi
     p = prompt("hello there, how are you")
     chunks: list[str] = []
 
-    usage = await provider.generate(p, chunks.append)
+    reply = await provider.generate(p, chunks.append)
 
     assert len(chunks) > 1
-    assert "".join(chunks) == expected_text(p)
-    assert usage == Usage(
+    assert "".join(chunks) == reply.text == expected_text(p)
+    assert reply.usage == Usage(
         input_tokens=count_tokens(SYSTEM) + count_tokens(p.messages[0].content), output_tokens=REPLY_TOKENS
     )
+    assert reply.stop_reason == "end" and reply.tool_calls == []
 
 
 @pytest.mark.timeout(10)
@@ -157,10 +158,11 @@ async def test_max_tokens_caps_the_reply(make_provider: MakeProvider, kind: str)
     p = prompt("count to ten")
     chunks: list[str] = []
 
-    usage = await provider.generate(p, chunks.append)
+    reply = await provider.generate(p, chunks.append)
 
     assert "".join(chunks) == expected_text(p, 9)
-    assert usage.output_tokens == 9 < REPLY_TOKENS
+    assert reply.usage.output_tokens == 9 < REPLY_TOKENS
+    assert reply.stop_reason == "max_tokens"
 
 
 @pytest.mark.timeout(10)
@@ -199,10 +201,10 @@ async def test_rate_limit_then_ok_is_retried_after_retry_after(
     await script_faults(control, "429")
     rec, p = Recorder(), prompt("busy?")
 
-    usage = await rec.run(make_provider(kind), p, retries=2)
+    reply = await rec.run(make_provider(kind), p, retries=2)
 
     assert "".join(rec.chunks) == expected_text(p)
-    assert usage.output_tokens == REPLY_TOKENS
+    assert reply.usage.output_tokens == REPLY_TOKENS
     assert rec.retries == [("PROVIDER_RATE_LIMITED", 1)]
     assert rec.delays and rec.delays[0] >= 0.05  # the server's retry-after
     assert (await stats(control))["requests"][kind] == 2

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from shared.config import AgentType
 from shared.errors import ConfigError
-from shared.messages import Request
-from workers.providers.base import Message, Prompt
+from shared.messages import Message, Request
+from workers.providers.base import Prompt
 
 Renderer = Callable[[AgentType, Request, list[Message]], Prompt]
 _VAR = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")

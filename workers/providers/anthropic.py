@@ -1,6 +1,9 @@
 """The Anthropic Messages API provider, on the official ``anthropic`` SDK (2.x).
 
-Text streams through ``emit`` as the model writes it; usage comes from the final message. SDK
+Text streams through ``emit`` as the model writes it; usage and the tool calls (``tool_use``
+blocks, their input put together by the SDK) come from the final message. In the history an
+assistant message's tool calls follow its text as ``tool_use`` blocks, and consecutive tool results
+go back as one user message of ``tool_result`` blocks, as the API wants them. SDK
 retries are off because retrying is the caller's call (:mod:`workers.providers.retry`), made only
 while nothing was emitted. SDK 2.x speaks API version 2026-10-21, which refuses sampling
 parameters, so the agent type's ``temperature`` and ``top_p`` are not sent to this provider.
@@ -9,17 +12,28 @@ parameters, so the agent type's ``temperature`` and ``top_p`` are not sent to th
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import groupby
+from typing import Literal
 
 import anthropic
 import httpx2
-from anthropic.types import AssistantMessageParam, MessageParam, UserMessageParam
+from anthropic.types import (
+    AssistantMessageParam,
+    MessageParam,
+    TextBlockParam,
+    ToolParam,
+    ToolResultBlockParam,
+    ToolUseBlockParam,
+    UserMessageParam,
+)
+from anthropic.types import Message as SdkMessage
 
 from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
-from shared.messages import Usage
-from workers.providers.base import Emit, Message, Prompt, Provider, api_key, retry_after_s
+from shared.messages import Message, ToolCall, Usage
+from workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec, api_key, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +73,38 @@ class AnthropicProvider(Provider):
 
     async def generate(
         self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None = None
-    ) -> Usage:
+    ) -> Reply:
         """Stream one reply; ``extra_headers`` go on the HTTP request (e.g. fake-server knobs)."""
         try:
             return await self._stream(prompt, emit, extra_headers)
         except SDK_ERRORS as e:
             raise translate_error(e) from e
 
-    async def _stream(self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None) -> Usage:
+    async def _stream(self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None) -> Reply:
         manager = self._sdk().messages.stream(
             model=self.model,
             system=prompt.system or anthropic.omit,
-            messages=[_message(m) for m in prompt.messages],
+            messages=list(_messages(prompt.messages)),
+            tools=[_tool(t) for t in prompt.tools] or anthropic.omit,
             max_tokens=self.agent_type.max_tokens,
             extra_headers=dict(extra_headers or {}),
         )
-        final = None
+        final: SdkMessage | None = None
+        text: list[str] = []
         async with manager as stream:
             async for event in stream:  # read to the end, so the connection goes back to the pool
                 if event.type == "text":
+                    text.append(event.text)
                     emit(event.text)
                 elif event.type == "message_stop":
-                    final = event.message.usage
+                    final = event.message
         if final is None:
             raise ProviderError(
                 "anthropic stream ended before message_stop",
                 error_code="PROVIDER_UNAVAILABLE",
                 retryable=True,
             )
-        return Usage(input_tokens=final.input_tokens, output_tokens=final.output_tokens)
+        return _reply("".join(text), final)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -96,10 +113,51 @@ class AnthropicProvider(Provider):
             self._client = None
 
 
+def _reply(text: str, final: SdkMessage) -> Reply:
+    calls = [
+        ToolCall(id=b.id, name=b.name, arguments=dict(b.input)) for b in final.content if b.type == "tool_use"
+    ]
+    usage = Usage(input_tokens=final.usage.input_tokens, output_tokens=final.usage.output_tokens)
+    return Reply(text=text, tool_calls=calls, usage=usage, stop_reason=_stop_reason(final.stop_reason, calls))
+
+
+def _stop_reason(stop: str | None, calls: list[ToolCall]) -> Literal["end", "tool_calls", "max_tokens"]:
+    if calls:
+        return "tool_calls"
+    return "max_tokens" if stop == "max_tokens" else "end"
+
+
+def _tool(spec: ToolSpec) -> ToolParam:
+    tool = ToolParam(name=spec.name, input_schema=spec.parameters)
+    if spec.description:
+        tool["description"] = spec.description
+    return tool
+
+
+def _messages(messages: Sequence[Message]) -> Iterator[MessageParam]:
+    """The conversation in the API's form: each run of tool results becomes one user message."""
+    for is_result, run in groupby(messages, key=lambda m: m.role == "tool"):
+        if is_result:
+            yield UserMessageParam(role="user", content=[_result(m) for m in run])
+        else:
+            yield from (_message(m) for m in run)
+
+
 def _message(m: Message) -> MessageParam:
     if m.role == "user":
         return UserMessageParam(role="user", content=m.content)
-    return AssistantMessageParam(role="assistant", content=m.content)
+    if not m.tool_calls:
+        return AssistantMessageParam(role="assistant", content=m.content)
+    text = [TextBlockParam(type="text", text=m.content)] if m.content else []
+    uses = [ToolUseBlockParam(type="tool_use", id=c.id, name=c.name, input=c.arguments) for c in m.tool_calls]
+    return AssistantMessageParam(role="assistant", content=[*text, *uses])
+
+
+def _result(m: Message) -> ToolResultBlockParam:
+    block = ToolResultBlockParam(type="tool_result", tool_use_id=m.tool_call_id, content=m.content)
+    if m.is_error:
+        block["is_error"] = True
+    return block
 
 
 def translate_error(e: Exception) -> ProviderError:

@@ -1,8 +1,11 @@
 """What every model provider implements.
 
 A provider is built once per replica, warmed before the replica reports ready, and then asked to
-:meth:`Provider.generate` for each request: it calls ``emit(text)`` for every piece of text as the
-model streams it and returns the token :class:`~shared.messages.Usage`. It raises
+:meth:`Provider.generate` for each model call: it calls ``emit(text)`` for every piece of text as
+the model streams it and returns a :class:`Reply`: the whole text, the tool calls the model asked
+for (offered through ``Prompt.tools``), and the token usage. Messages come in the provider-neutral
+:class:`~shared.messages.Message` form (tool calls and tool results included); each provider maps
+them to its API's format. It raises
 :class:`~shared.errors.ProviderError` (``retryable`` for 429/5xx/timeouts/dropped streams,
 ``fatal`` for bad credentials) and nothing else; the runtime decides about retries.
 """
@@ -14,26 +17,39 @@ import email.utils
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
-from shared.messages import Usage
+from shared.messages import Message, ToolCall, Usage
 
 
-class Message(msgspec.Struct, frozen=True):
-    role: Literal["user", "assistant"]
-    content: str
+class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """A tool as a model is offered it: name, description, JSON Schema of its arguments object."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
 class Prompt(msgspec.Struct, kw_only=True):
-    """What one model call sees: the rendered system prompt and the conversation so far."""
+    """What one model call sees: the rendered system prompt, the conversation so far, the tools."""
 
     system: str
-    messages: list[Message]  # history turns, then the new user message last
+    messages: list[Message]  # history turns, then the new user message (and any tool steps since)
+    tools: list[ToolSpec] = []
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """What one model call produced. ``stop_reason``: ``end``, ``tool_calls`` or ``max_tokens``."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = []
+    usage: Usage = msgspec.field(default_factory=Usage)
+    stop_reason: Literal["end", "tool_calls", "max_tokens"] = "end"
 
 
 Emit = Callable[[str], None]
@@ -54,8 +70,8 @@ class Provider(abc.ABC):
         """Open connections, check credentials; raise ProviderError if unusable."""
 
     @abc.abstractmethod
-    async def generate(self, prompt: Prompt, emit: Emit) -> Usage:
-        """Stream one completion through ``emit``; return token usage."""
+    async def generate(self, prompt: Prompt, emit: Emit) -> Reply:
+        """Stream one completion's text through ``emit``; return the reply (text, tool calls, usage)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Close connections."""

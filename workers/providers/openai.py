@@ -1,7 +1,11 @@
 """The OpenAI Chat Completions provider, on the official ``openai`` SDK.
 
 Text streams through ``emit`` as the model writes it; usage comes from the last chunk
-(``stream_options.include_usage``). SDK retries are off because retrying is the caller's call
+(``stream_options.include_usage``). Tools are offered as ``function`` tools; the calls the model
+streams are put together by index and their JSON arguments parsed. Arguments that are not a JSON
+object are kept as written under :data:`RAW_ARGUMENTS_KEY` (``{"_raw_arguments": "..."}``), so the
+tool refuses them as invalid and the step shows what the model wrote; sent back in the history,
+they go as they came. SDK retries are off because retrying is the caller's call
 (:mod:`workers.providers.retry`), made only while nothing was emitted. The reply length is capped
 with ``max_completion_tokens``, which replaced the deprecated ``max_tokens``.
 """
@@ -10,26 +14,36 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import httpx2
+import msgspec
 import openai
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
     ChatCompletionSystemMessageParam,
+    ChatCompletionToolMessageParam,
     ChatCompletionUserMessageParam,
 )
+from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
+from openai.types.shared_params import FunctionDefinition
 
 from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
-from shared.messages import Usage
-from workers.providers.base import Emit, Message, Prompt, Provider, api_key, retry_after_s
+from shared.messages import Message, ToolCall, Usage
+from workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec, api_key, retry_after_s
 
 log = logging.getLogger(__name__)
 
 WARM_TIMEOUT_S = 5.0
 SDK_ERRORS = (openai.OpenAIError, httpx2.HTTPError)  # httpx2: failures while reading a stream
+RAW_ARGUMENTS_KEY = "_raw_arguments"  # a tool call whose arguments are not a JSON object, as written
+_JSON = msgspec.json.Encoder()
 
 
 class OpenAIProvider(Provider):
@@ -64,17 +78,18 @@ class OpenAIProvider(Provider):
 
     async def generate(
         self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None = None
-    ) -> Usage:
+    ) -> Reply:
         """Stream one reply; ``extra_headers`` go on the HTTP request (e.g. fake-server knobs)."""
         try:
             return await self._stream(prompt, emit, extra_headers)
         except SDK_ERRORS as e:
             raise translate_error(e) from e
 
-    async def _stream(self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None) -> Usage:
+    async def _stream(self, prompt: Prompt, emit: Emit, extra_headers: Mapping[str, str] | None) -> Reply:
         stream = await self._sdk().chat.completions.create(
             model=self.model,
             messages=_messages(prompt),
+            tools=[_tool(t) for t in prompt.tools] or openai.omit,
             temperature=self.agent_type.temperature,
             top_p=self.agent_type.top_p,
             max_completion_tokens=self.agent_type.max_tokens,
@@ -82,31 +97,99 @@ class OpenAIProvider(Provider):
             stream_options={"include_usage": True},
             extra_headers=dict(extra_headers or {}),
         )
-        finished, deltas, usage = False, 0, None
+        reading = _Reading(emit)
         async with stream:
             async for chunk in stream:
-                if chunk.usage is not None:
-                    usage = Usage(
-                        input_tokens=chunk.usage.prompt_tokens, output_tokens=chunk.usage.completion_tokens
-                    )
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        deltas += 1
-                        emit(choice.delta.content)
-                    finished = finished or choice.finish_reason is not None
-        if not finished:
-            raise ProviderError(
-                "openai stream ended without a finish_reason",
-                error_code="PROVIDER_UNAVAILABLE",
-                retryable=True,
-            )
-        return usage or Usage(output_tokens=deltas)  # a server that ignores include_usage: estimate
+                reading.add(chunk)
+        return reading.reply()
 
     async def aclose(self) -> None:
         self._closed = True
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+class _Reading:
+    """One streamed reply as it arrives: text to ``emit``, tool call pieces by index, usage, finish."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.text: list[str] = []
+        self.calls: dict[int, dict[str, str]] = {}
+        self.usage: Usage | None = None
+        self.finish: str | None = None
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        if chunk.usage is not None:
+            self.usage = Usage(
+                input_tokens=chunk.usage.prompt_tokens, output_tokens=chunk.usage.completion_tokens
+            )
+        for choice in chunk.choices:
+            if choice.delta.content:
+                self.text.append(choice.delta.content)
+                self.emit(choice.delta.content)
+            for piece in choice.delta.tool_calls or ():
+                self._add_call(piece)
+            self.finish = choice.finish_reason or self.finish
+
+    def _add_call(self, piece: ChoiceDeltaToolCall) -> None:
+        """The first piece of a call brings its id and name, the later ones its arguments' text."""
+        call = self.calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+        call["id"] = call["id"] or piece.id or ""
+        if piece.function is not None:
+            call["name"] += piece.function.name or ""
+            call["arguments"] += piece.function.arguments or ""
+
+    def reply(self) -> Reply:
+        if self.finish is None:
+            raise ProviderError(
+                "openai stream ended without a finish_reason",
+                error_code="PROVIDER_UNAVAILABLE",
+                retryable=True,
+            )
+        calls = [_tool_call(c) for _, c in sorted(self.calls.items())]
+        # A server that ignores include_usage: estimate the output from the pieces.
+        usage = self.usage or Usage(output_tokens=len(self.text) + len(calls))
+        return Reply(
+            text="".join(self.text),
+            tool_calls=calls,
+            usage=usage,
+            stop_reason=_stop_reason(self.finish, calls),
+        )
+
+
+def _stop_reason(finish: str, calls: list[ToolCall]) -> Literal["end", "tool_calls", "max_tokens"]:
+    if calls:  # whatever the finish reason says (some compatible servers say "stop")
+        return "tool_calls"
+    return "max_tokens" if finish == "length" else "end"
+
+
+def _tool_call(raw: dict[str, str]) -> ToolCall:
+    return ToolCall(id=raw["id"], name=raw["name"], arguments=parse_arguments(raw["arguments"]))
+
+
+def parse_arguments(text: str) -> dict[str, Any]:
+    """A tool call's JSON arguments; anything but a JSON object is kept as written (see the module doc)."""
+    try:
+        arguments = msgspec.json.decode(text or "{}")
+    except msgspec.DecodeError:
+        return {RAW_ARGUMENTS_KEY: text}
+    return arguments if isinstance(arguments, dict) else {RAW_ARGUMENTS_KEY: text}
+
+
+def _arguments_text(call: ToolCall) -> str:
+    raw = call.arguments.get(RAW_ARGUMENTS_KEY)
+    if isinstance(raw, str) and len(call.arguments) == 1:
+        return raw
+    return _JSON.encode(call.arguments).decode()
+
+
+def _tool(spec: ToolSpec) -> ChatCompletionFunctionToolParam:
+    fn = FunctionDefinition(name=spec.name, parameters=spec.parameters)
+    if spec.description:
+        fn["description"] = spec.description
+    return ChatCompletionFunctionToolParam(type="function", function=fn)
 
 
 def _messages(prompt: Prompt) -> list[ChatCompletionMessageParam]:
@@ -121,7 +204,20 @@ def _messages(prompt: Prompt) -> list[ChatCompletionMessageParam]:
 def _message(m: Message) -> ChatCompletionMessageParam:
     if m.role == "user":
         return ChatCompletionUserMessageParam(role="user", content=m.content)
-    return ChatCompletionAssistantMessageParam(role="assistant", content=m.content)
+    if m.role == "tool":  # the API has no error flag: the content says what went wrong
+        return ChatCompletionToolMessageParam(role="tool", tool_call_id=m.tool_call_id, content=m.content)
+    if not m.tool_calls:
+        return ChatCompletionAssistantMessageParam(role="assistant", content=m.content)
+    return ChatCompletionAssistantMessageParam(
+        role="assistant",
+        content=m.content or None,
+        tool_calls=[
+            ChatCompletionMessageFunctionToolCallParam(
+                id=c.id, type="function", function={"name": c.name, "arguments": _arguments_text(c)}
+            )
+            for c in m.tool_calls
+        ],
+    )
 
 
 def translate_error(e: Exception) -> ProviderError:

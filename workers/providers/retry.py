@@ -11,8 +11,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from shared.errors import ProviderError
-from shared.messages import Usage
-from workers.providers.base import Emit, Prompt, Provider
+from workers.providers.base import Emit, Prompt, Provider, Reply
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
@@ -39,7 +38,7 @@ async def generate_with_retries(
     retries: int,
     on_retry: Callable[[ProviderError, int], None] | None = None,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-) -> Usage:
+) -> Reply:
     """``provider.generate`` with up to ``retries`` more attempts while nothing was emitted."""
     emitted = False
 

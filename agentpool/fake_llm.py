@@ -4,7 +4,7 @@ Run it::
 
     agentpool fake-llm --port 9100 [--host 127.0.0.1] [--ttft-ms 300] [--tokens-per-s 40]
                        [--reply-tokens 24] [--api-key sk-fake]
-    python -m workers.fake_llm --port 9100 ...
+    python -m agentpool.fake_llm --port 9100 ...
 
 Defaults come from ``FAKE_LLM_TTFT_MS``, ``FAKE_LLM_TOKENS_PER_S``, ``FAKE_LLM_REPLY_TOKENS`` and
 ``FAKE_LLM_API_KEY``. Point providers at it (the OpenAI SDK wants ``/v1`` in its base URL, the
@@ -21,9 +21,14 @@ Anthropic SDK adds it itself)::
     api_key_env = "FAKE_LLM_API_KEY"
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/messages`` (plain JSON, or SSE with
-``"stream": true``), ``GET /v1/models``. The reply is ``fake_tokens(system, messages, n)`` from
-:mod:`workers.providers.fake` with ``n = min(max_tokens, reply_tokens)``; it starts with
-``[k earlier]``, k being the number of messages before the last one, so a test sees history arrive.
+``"stream": true``), ``GET /v1/models``. The answers come from :mod:`shared.fake_model` with
+``n = min(max_tokens, reply_tokens)`` tokens; a text reply starts with ``[k earlier]``, k being the
+number of messages before the last one, so a test sees history arrive.
+
+Tools are offered and answered in each API's own format (:mod:`agentpool.fake_wire`). A marker
+``@name {"json": "arguments"}`` in the latest user message makes the model call the offered tool
+``name`` (several markers: several calls in one turn); given the results, it answers with their
+content verbatim, or calls the next tool if a result holds a marker itself.
 
 With ``--api-key``, OpenAI calls need ``Authorization: Bearer KEY`` and Anthropic calls
 ``x-api-key: KEY`` or ``Authorization: Bearer KEY`` (what the Anthropic SDK 2.x sends); anything
@@ -51,11 +56,10 @@ import logging
 import os
 import socket
 import sys
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -66,13 +70,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from workers.providers.base import Message
-from workers.providers.fake import count_tokens, fake_tokens
+from agentpool.fake_wire import ANTHROPIC, OPENAI, Api, Call, Reject, Reply
+from shared.fake_model import input_tokens, respond
 
 FAULTS = ("ok", "429", "500", "timeout", "drop")
 BODIES_KEPT = 50  # last request bodies kept per API for /_fake/stats
 DROP_LOG = "ASGI callable returned without completing response."  # uvicorn's words for a drop
-MODELS = ("fake-1",)
 
 
 @dataclass
@@ -98,15 +101,6 @@ class FakeLLMSettings:
         )
 
 
-class _Reject(Exception):
-    """A request the fake refuses; rendered in the calling API's error shape."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class FakeLLM:
     """The server's state: settings, the fault script, and what it was asked."""
 
@@ -125,7 +119,7 @@ class FakeLLM:
     def script(self, faults: Sequence[str], retry_after_s: float | None) -> None:
         bad = [f for f in faults if f not in FAULTS]
         if bad:
-            raise _Reject(400, f"unknown faults {bad}; known: {list(FAULTS)}")
+            raise Reject(400, f"unknown faults {bad}; known: {list(FAULTS)}")
         self.faults.extend(faults)
         if retry_after_s is not None:
             self.retry_after_s = retry_after_s
@@ -144,7 +138,7 @@ class FakeLLM:
         if fault is None:
             return self.faults.popleft() if self.faults else "ok"
         if fault not in FAULTS:
-            raise _Reject(400, f"x-fake-fault: unknown fault {fault!r}; known: {list(FAULTS)}")
+            raise Reject(400, f"x-fake-fault: unknown fault {fault!r}; known: {list(FAULTS)}")
         return fault
 
     def stats(self) -> dict[str, Any]:
@@ -157,36 +151,6 @@ class FakeLLM:
         }
 
 
-@dataclass
-class Call:
-    """A model call, as read from either API's request body."""
-
-    model: str
-    system: str
-    messages: list[Message]
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool = False
-
-
-@dataclass
-class Reply:
-    """What the fake answers to a call, and how fast."""
-
-    id: str
-    model: str
-    tokens: list[str]
-    input_tokens: int
-    truncated: bool  # max_tokens cut the reply short
-    ttft_s: float
-    gap_s: float
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def text(self) -> str:
-        return "".join(self.tokens)
-
-
 def _knob(request: Request, name: str, default: float) -> float:
     raw = request.headers.get(name)
     if raw is None:
@@ -194,263 +158,32 @@ def _knob(request: Request, name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise _Reject(400, f"{name}: expected a number, got {raw!r}") from None
+        raise Reject(400, f"{name}: expected a number, got {raw!r}") from None
     if value < 0:
-        raise _Reject(400, f"{name}: must be >= 0")
+        raise Reject(400, f"{name}: must be >= 0")
     return value
 
 
-def plan_reply(settings: FakeLLMSettings, request: Request, call: Call, id_prefix: str) -> Reply:
+def plan_reply(settings: FakeLLMSettings, request: Request, call: Call, api: Api) -> Reply:
     """The deterministic reply to ``call``, with timing from the settings or request headers."""
     reply_tokens = int(_knob(request, "x-fake-reply-tokens", settings.reply_tokens)) or 1
-    n = min(call.max_tokens or reply_tokens, reply_tokens)
     tokens_per_s = _knob(request, "x-fake-tokens-per-s", settings.tokens_per_s)
+    answer = respond(
+        call.system,
+        call.messages,
+        call.tool_names,
+        reply_tokens,
+        call.max_tokens,
+        id_prefix=api.tool_id_prefix,
+    )
     return Reply(
-        id=f"{id_prefix}{uuid.uuid4().hex[:24]}",
+        id=f"{api.id_prefix}{uuid.uuid4().hex[:24]}",
         model=call.model,
-        tokens=fake_tokens(call.system, call.messages, n),
-        input_tokens=count_tokens(call.system) + sum(count_tokens(m.content) for m in call.messages),
-        truncated=n < reply_tokens,
+        answer=answer,
+        input_tokens=input_tokens(call.system, call.messages),
         ttft_s=_knob(request, "x-fake-ttft-ms", settings.ttft_ms) / 1000,
         gap_s=1.0 / tokens_per_s if tokens_per_s else 0.0,
     )
-
-
-def _text_of(content: Any) -> str:
-    """Text of a message content: a string, or a list of blocks of which the text ones count."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    raise _Reject(400, "content: expected a string or a list of content blocks")
-
-
-def _messages_of(raw: Any) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise _Reject(400, "messages: expected a non-empty list")
-    out = []
-    for m in raw:
-        if not isinstance(m, dict):
-            raise _Reject(400, "messages: expected objects")
-        if m.get("role") in ("user", "assistant"):
-            out.append(Message(m["role"], _text_of(m.get("content", ""))))
-    return out
-
-
-def _sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n".encode() if event else b""
-    return head + b"data: " + msgspec.json.encode(data) + b"\n\n"
-
-
-class Api:
-    """One wire format: how to read a call and write replies and errors."""
-
-    name = ""
-    id_prefix = ""
-    error_types: dict[int, str] = {}
-
-    def authorized(self, request: Request, api_key: str) -> bool:
-        return request.headers.get("authorization") == f"Bearer {api_key}"
-
-    def parse(self, request: Request, body: Any) -> Call:
-        raise NotImplementedError
-
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def error(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-        body = msgspec.json.encode(self.error_body(status, message))
-        return Response(body, status, headers=headers, media_type="application/json")
-
-    def complete(self, call: Call, reply: Reply) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def sse_head(self, call: Call, reply: Reply) -> bytes:
-        raise NotImplementedError
-
-    def sse_delta(self, call: Call, reply: Reply, text: str) -> bytes:
-        raise NotImplementedError
-
-    def sse_tail(self, call: Call, reply: Reply) -> bytes:
-        raise NotImplementedError
-
-    def models(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class OpenAIApi(Api):
-    name = "openai"
-    id_prefix = "chatcmpl-fake"
-    error_types = {
-        400: "invalid_request_error",
-        401: "invalid_request_error",
-        429: "requests",
-        500: "server_error",
-        504: "timeout",
-    }
-
-    def parse(self, request: Request, body: Any) -> Call:
-        raw = body.get("messages")
-        systems = [m for m in raw or () if isinstance(m, dict) and m.get("role") in ("system", "developer")]
-        options = body.get("stream_options") or {}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if max_tokens is not None and not isinstance(max_tokens, int):
-            raise _Reject(400, "max_completion_tokens: expected an integer")
-        return Call(
-            model=str(body.get("model", "")),
-            system="\n".join(_text_of(m.get("content", "")) for m in systems),
-            messages=_messages_of(raw),
-            max_tokens=max_tokens,
-            stream=bool(body.get("stream")),
-            include_usage=bool(options.get("include_usage")),
-        )
-
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
-        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
-        kind = self.error_types.get(status, "invalid_request_error")
-        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-    def _usage(self, reply: Reply) -> dict[str, int]:
-        out = len(reply.tokens)
-        return {
-            "prompt_tokens": reply.input_tokens,
-            "completion_tokens": out,
-            "total_tokens": reply.input_tokens + out,
-        }
-
-    def _finish(self, reply: Reply) -> str:
-        return "length" if reply.truncated else "stop"
-
-    def complete(self, call: Call, reply: Reply) -> dict[str, Any]:
-        message = {"role": "assistant", "content": reply.text, "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(reply)}
-        return {
-            "id": reply.id,
-            "object": "chat.completion",
-            "created": reply.created,
-            "model": reply.model,
-            "choices": [choice],
-            "usage": self._usage(reply),
-        }
-
-    def _chunk(self, call: Call, reply: Reply, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {
-            "id": reply.id,
-            "object": "chat.completion.chunk",
-            "created": reply.created,
-            "model": reply.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if call.include_usage:
-            chunk["usage"] = None
-        return _sse(chunk | extra)
-
-    def _choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-    def sse_head(self, call: Call, reply: Reply) -> bytes:
-        return self._chunk(call, reply, [self._choice({"role": "assistant", "content": ""})])
-
-    def sse_delta(self, call: Call, reply: Reply, text: str) -> bytes:
-        return self._chunk(call, reply, [self._choice({"content": text})])
-
-    def sse_tail(self, call: Call, reply: Reply) -> bytes:
-        out = self._chunk(call, reply, [self._choice({}, self._finish(reply))])
-        if call.include_usage:
-            out += self._chunk(call, reply, [], usage=self._usage(reply))
-        return out + b"data: [DONE]\n\n"
-
-    def models(self) -> dict[str, Any]:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "agentpool"} for m in MODELS]
-        return {"object": "list", "data": data}
-
-
-class AnthropicApi(Api):
-    name = "anthropic"
-    id_prefix = "msg_fake"
-    error_types = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        429: "rate_limit_error",
-        500: "api_error",
-        504: "timeout_error",
-    }
-    NO_SAMPLING_SINCE = "2026-10-21"  # the API version that refuses temperature/top_p/top_k
-
-    def authorized(self, request: Request, api_key: str) -> bool:
-        return request.headers.get("x-api-key") == api_key or super().authorized(request, api_key)
-
-    def parse(self, request: Request, body: Any) -> Call:
-        version = request.headers.get("anthropic-version", "")
-        sampling = [k for k in ("temperature", "top_p", "top_k") if k in body]
-        if sampling and version >= self.NO_SAMPLING_SINCE:
-            raise _Reject(400, f"{sampling[0]}: Extra inputs are not permitted")
-        if not isinstance(body.get("max_tokens"), int):
-            raise _Reject(400, "max_tokens: Field required")
-        return Call(
-            model=str(body.get("model", "")),
-            system=_text_of(body.get("system", "")),
-            messages=_messages_of(body.get("messages")),
-            max_tokens=body["max_tokens"],
-            stream=bool(body.get("stream")),
-        )
-
-    def error_body(self, status: int, message: str) -> dict[str, Any]:
-        kind = self.error_types.get(status, "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
-
-    def _message(self, reply: Reply, content: list[Any], stop: str | None, out: int) -> dict[str, Any]:
-        return {
-            "id": reply.id,
-            "type": "message",
-            "role": "assistant",
-            "model": reply.model,
-            "content": content,
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": {"input_tokens": reply.input_tokens, "output_tokens": out},
-        }
-
-    def _stop(self, reply: Reply) -> str:
-        return "max_tokens" if reply.truncated else "end_turn"
-
-    def complete(self, call: Call, reply: Reply) -> dict[str, Any]:
-        content = [{"type": "text", "text": reply.text}]
-        return self._message(reply, content, self._stop(reply), len(reply.tokens))
-
-    def sse_head(self, call: Call, reply: Reply) -> bytes:
-        start = {"type": "message_start", "message": self._message(reply, [], None, 1)}
-        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-        return (
-            _sse(start, "message_start") + _sse(block, "content_block_start") + _sse({"type": "ping"}, "ping")
-        )
-
-    def sse_delta(self, call: Call, reply: Reply, text: str) -> bytes:
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-        return _sse(delta, "content_block_delta")
-
-    def sse_tail(self, call: Call, reply: Reply) -> bytes:
-        delta = {
-            "type": "message_delta",
-            "delta": {"stop_reason": self._stop(reply), "stop_sequence": None},
-            "usage": {"output_tokens": len(reply.tokens)},
-        }
-        return (
-            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-            + _sse(delta, "message_delta")
-            + _sse({"type": "message_stop"}, "message_stop")
-        )
-
-    def models(self) -> dict[str, Any]:
-        data = [
-            {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"}
-            for m in MODELS
-        ]
-        return {"data": data, "has_more": False, "first_id": MODELS[0], "last_id": MODELS[-1]}
-
-
-OPENAI, ANTHROPIC = OpenAIApi(), AnthropicApi()
 
 
 class _Pieces:
@@ -480,18 +213,19 @@ async def _until_disconnected(receive: Receive) -> None:
 
 
 async def _stream(
-    api: Api, call: Call, reply: Reply, drop_after: int | None
+    api: Api, call: Call, reply: Reply, body: list[bytes], drop_after: int | None
 ) -> AsyncGenerator[bytes | None, None]:
-    """The SSE body: head, one delta per token at the configured pace, tail (or a cut)."""
+    """The SSE body: head, the events (a text token or a tool call fragment each) at the configured
+    pace, tail (or a cut)."""
     yield api.sse_head(call, reply)
     await asyncio.sleep(reply.ttft_s)
-    for i, token in enumerate(reply.tokens):
+    for i, event in enumerate(body):
         if i == drop_after:
             yield None
             return
         if i and reply.gap_s:
             await asyncio.sleep(reply.gap_s)
-        yield api.sse_delta(call, reply, token)
+        yield event
     yield api.sse_tail(call, reply)
 
 
@@ -505,9 +239,10 @@ async def _whole(body: bytes, delay_s: float, drop: bool) -> AsyncGenerator[byte
 def _respond(api: Api, call: Call, reply: Reply, fault: str, settings: FakeLLMSettings) -> Response | _Pieces:
     drop = fault == "drop"
     if call.stream:
-        drop_after = min(settings.drop_after_tokens, len(reply.tokens) - 1) if drop else None
+        events = api.sse_body(call, reply)
+        drop_after = min(settings.drop_after_tokens, len(events) - 1) if drop else None
         headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-        return _Pieces(_stream(api, call, reply, drop_after), headers)
+        return _Pieces(_stream(api, call, reply, events, drop_after), headers)
     body = msgspec.json.encode(api.complete(call, reply))
     delay_s = reply.ttft_s + reply.gap_s * max(0, len(reply.tokens) - 1)
     headers = {"content-type": "application/json", "content-length": str(len(body))}
@@ -526,15 +261,15 @@ async def _json(request: Request) -> Any:
     try:
         body = msgspec.json.decode(await request.body())
     except msgspec.DecodeError as e:
-        raise _Reject(400, f"invalid JSON: {e}") from None
+        raise Reject(400, f"invalid JSON: {e}") from None
     if not isinstance(body, dict):
-        raise _Reject(400, "expected a JSON object")
+        raise Reject(400, "expected a JSON object")
     return body
 
 
 def _check_auth(request: Request, api: Api, api_key: str | None) -> None:
     if api_key is not None and not api.authorized(request, api_key):
-        raise _Reject(401, "invalid api key")
+        raise Reject(401, "invalid api key")
 
 
 async def _model_call(request: Request, api: Api) -> Response | _Pieces:
@@ -546,9 +281,9 @@ async def _model_call(request: Request, api: Api) -> Response | _Pieces:
         fake.record(api.name, body)
         _check_auth(request, api, fake.settings.api_key)
         call = api.parse(request, body)
-        reply = plan_reply(fake.settings, request, call, api.id_prefix)
+        reply = plan_reply(fake.settings, request, call, api)
         fault = fake.take_fault(request)
-    except _Reject as e:
+    except Reject as e:
         return api.error(e.status, e.message)
     if fault == "429":
         retry = f"{fake.retry_after_s:g}"
@@ -576,7 +311,7 @@ async def list_models(request: Request) -> Response:
     api = ANTHROPIC if "anthropic-version" in request.headers else OPENAI
     try:
         _check_auth(request, api, fake.settings.api_key)
-    except _Reject as e:
+    except Reject as e:
         return api.error(e.status, e.message)
     return Response(msgspec.json.encode(api.models()), media_type="application/json")
 
@@ -587,9 +322,9 @@ async def post_faults(request: Request) -> Response:
         body = await _json(request)
         faults, retry_after_s = body.get("faults", []), body.get("retry_after_s")
         if not isinstance(faults, list) or not isinstance(retry_after_s, int | float | None):
-            raise _Reject(400, 'expected {"faults": [...], "retry_after_s": seconds}')
+            raise Reject(400, 'expected {"faults": [...], "retry_after_s": seconds}')
         fake.script([str(f) for f in faults], retry_after_s)
-    except _Reject as e:
+    except Reject as e:
         return Response(msgspec.json.encode({"error": e.message}), e.status, media_type="application/json")
     return _ok({"faults_pending": list(fake.faults)})
 
