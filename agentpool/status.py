@@ -65,8 +65,10 @@ def replicas_table(s: PoolStatus, now: float) -> str:
             str(r.processed),
             str(r.errors),
             f"{r.avg_latency_ms:.1f}",
+            f"{r.build_ms:.0f}",
             _ago(r.started_at, now),
             _ago(r.last_heartbeat, now),
+            r.detail,
         ]
         for r in s.replicas
     ]
@@ -83,8 +85,10 @@ def replicas_table(s: PoolStatus, now: float) -> str:
                 "PROCESSED",
                 "ERRORS",
                 "AVG MS",
+                "BUILD MS",
                 "STARTED",
                 "HEARTBEAT",
+                "DETAIL",
             ],
             rows,
         )

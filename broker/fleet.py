@@ -210,6 +210,9 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     last_heartbeat: float
     pid: int
     host: str
+    warmup_ms: float = 0.0  # process start (or standby slot) to ready
+    build_ms: float = 0.0  # the agent's build inside the warm-up: tools connected, factory run
+    detail: str = ""  # why the replica is unhealthy
 
     @classmethod
     def of(cls, r: ReplicaInfo) -> ReplicaView:
@@ -226,6 +229,9 @@ class ReplicaView(msgspec.Struct, kw_only=True):
             last_heartbeat=r.heartbeat_at,
             pid=r.pid,
             host=r.host,
+            warmup_ms=r.warmup_ms,
+            build_ms=r.build_ms,
+            detail=r.detail,
         )
 
 

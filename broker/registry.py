@@ -35,6 +35,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     warmup_ms: float = 0.0
+    build_ms: float = 0.0  # building the agent (tools connected, python factory run)
     pid: int = 0
     host: str = ""
     provider: str = ""

@@ -21,13 +21,14 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
 
 from broker.redis_conn import REDIS_ERRORS, connect, translated
 from shared import metrics
-from shared.messages import EVENT_ENCODER, FINAL_TYPES, Chunk, End, Error, event_fields
+from shared.messages import EVENT_ENCODER, FINAL_TYPES, Chunk, End, Error, Event, Interrupt, event_fields
 from shared.names import Names
 from shared.tasks import cancel_and_wait
 
@@ -43,6 +44,8 @@ BLOCK_MS = 2000
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
+local waiting = redis.call('GET', KEYS[6])
+if waiting and waiting ~= ARGV[9] then return {-3, waiting} end
 local n = redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], 86400)
 if n > tonumber(ARGV[6]) then return {-2, n} end
@@ -60,22 +63,66 @@ if h > 0 then hist = redis.call('LRANGE', KEYS[5], -h, -1) end
 return {n, hist}
 """
 
+# KEYS: done, reply, thread, run (paused state to write), waiting (the thread's mark), old run (to drop)
+# ARGV: 1 kind, 2 event, 3 done ttl, 4 reply ttl, 5 thread ttl, 6 thread max, 7 last chunk or '',
+#       8 paused state or '', 9 pool, 10 tenant, 11 thread id, 12 paused ttl, 13 waiting value to
+#       clear or '', 14.. thread turns
 _FINISH = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
 if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 't', 'chunk', 'd', ARGV[7]) end
 redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-if #ARGV > 7 then
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 8))
+if #ARGV > 13 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 14))
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
+if KEYS[6] ~= KEYS[1] then redis.call('DEL', KEYS[6]) end
+if ARGV[13] ~= '' and redis.call('GET', KEYS[5]) == ARGV[13] then redis.call('DEL', KEYS[5]) end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[4], 'state', ARGV[8], 'pool', ARGV[9], 'tenant', ARGV[10], 'thread_id', ARGV[11])
+  redis.call('EXPIRE', KEYS[4], ARGV[12])
+  redis.call('SET', KEYS[5], cjson.decode(ARGV[2]).request_id, 'EX', ARGV[12])
+end
+return 1
+"""
+
+# A continuation that never started (a gateway wrote its QUEUE_TIMEOUT) leaves the paused state in
+# place: then the claim may be taken again. ARGV: 1 new request id, 2 ttl, 3 the done-key prefix,
+# 4 the caller's tenant ('' = any): another tenant's paused run looks like none.
+_RESUME = """
+local run = redis.call('HMGET', KEYS[1], 'pool', 'tenant', 'thread_id')
+local claimed = redis.call('GET', KEYS[2])
+if run[1] and ARGV[4] ~= '' and run[2] ~= ARGV[4] then return {-1} end
+if not run[1] then
+  if claimed then return {-2, claimed} end
+  return {-1}
+end
+if claimed and redis.call('EXISTS', ARGV[3] .. claimed) == 0 then return {0, claimed} end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return {1, run[1], run[2], run[3]}
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
 BEGIN_DONE = 0
 BEGIN_CANCELLED = -1
 BEGIN_EXHAUSTED = -2
+BEGIN_WAITING = -3
+PAUSED_TTL_S = 7 * 24 * 3600  # a run waiting for approval keeps this long
+
+
+@dataclass(slots=True)
+class Paused:
+    """What ``finish`` stores for a run that waits for approval (``run:{request_id}``)."""
+
+    state: bytes  # the worker's own state blob
+    pool: str
+    tenant: str
+    thread_id: str
 
 
 class ReplyStore:
@@ -86,6 +133,8 @@ class ReplyStore:
         self.names = names
         self._begin = redis.register_script(_BEGIN)
         self._finish = redis.register_script(_FINISH)
+        self._resume = redis.register_script(_RESUME)
+        self._release = redis.register_script(_RELEASE)
 
     async def begin(
         self,
@@ -98,8 +147,12 @@ class ReplyStore:
         max_attempts: int,
         redelivered: bool = False,
         traceparent: str | None = None,
+        waiting_key: str = "",
+        resumes: str = "",
     ) -> tuple[int, int, list[bytes]]:
-        """-> (status, attempt, history). status > 0 is the attempt number; else a BEGIN_* code."""
+        """-> (status, attempt, history). status > 0 is the attempt number; else a BEGIN_* code
+        (for BEGIN_WAITING, history is ``[the paused request id]``: the thread waits on it, and
+        only the request that ``resumes`` it may run)."""
         n = self.names
         res = await self._begin(
             keys=[
@@ -108,6 +161,7 @@ class ReplyStore:
                 n.attempts(request_id),
                 n.reply(request_id),
                 thread_key,
+                waiting_key or n.done(request_id),
             ],
             args=[
                 request_id,
@@ -118,39 +172,61 @@ class ReplyStore:
                 max_attempts,
                 "1" if redelivered else "0",
                 traceparent or "",
+                resumes,
             ],
         )
         status = int(res[0])
         if status == BEGIN_EXHAUSTED:
             return status, int(res[1]), []
+        if status == BEGIN_WAITING:
+            return status, 0, [res[1]]
         if status <= 0:
             return status, 0, []
         return status, status, list(res[1])
 
     async def chunk(self, request_id: str, text: str, attempt: int) -> bool:
         """Append a chunk; returns True if the request was cancelled meanwhile."""
+        return await self.append(request_id, [Chunk(text=text, attempt=attempt)])
+
+    async def append(self, request_id: str, events: Sequence[Event]) -> bool:
+        """Append events in order, in one round trip; returns True if the request was cancelled."""
         n = self.names
-        fields: dict[Any, Any] = event_fields(Chunk(text=text, attempt=attempt))  # stubs differ per major
+        key = n.reply(request_id)
         async with self.redis.pipeline(transaction=False) as p:
-            p.xadd(n.reply(request_id), fields)
+            for event in events:
+                fields: dict[Any, Any] = event_fields(event)  # stubs differ per major
+                p.xadd(key, fields)
             p.exists(n.cancel(request_id))
-            _, cancelled = await p.execute()
-        return bool(cancelled)
+            res = await p.execute()
+        return bool(res[-1])
 
     async def finish(
         self,
-        event: End | Error,
+        event: End | Error | Interrupt,
         *,
         thread_key: str = "",
         turns: Sequence[bytes] = (),
         last_chunk: Chunk | None = None,
+        paused: Paused | None = None,
+        waiting_key: str = "",
+        resumed_from: str = "",
     ) -> bool:
         """Write the final event (after ``last_chunk``, and with the thread turns) unless one was
-        written already."""
+        written already. ``paused`` (with an Interrupt) stores the run and marks the thread
+        ``waiting_key``; a run that ``resumed_from`` a paused one drops that one's state and, when
+        it ends, the thread's mark."""
         n = self.names
-        kind = "end" if isinstance(event, End) else "error"
+        kind = str(type(event).__struct_config__.tag)
+        done = n.done(event.request_id)
         res = await self._finish(
-            keys=[n.done(event.request_id), n.reply(event.request_id), thread_key or n.done("-")],
+            keys=[
+                done,
+                n.reply(event.request_id),
+                thread_key or done,
+                n.run(event.request_id),
+                waiting_key or done,
+                n.run(resumed_from) if resumed_from else done,
+            ],
             args=[
                 kind,
                 EVENT_ENCODER.encode(event),
@@ -159,10 +235,38 @@ class ReplyStore:
                 THREAD_TTL_S,
                 THREAD_MAX_ENTRIES,
                 EVENT_ENCODER.encode(last_chunk) if last_chunk is not None else b"",
+                paused.state if paused else b"",
+                paused.pool if paused else "",
+                paused.tenant if paused else "",
+                paused.thread_id if paused else "",
+                PAUSED_TTL_S,
+                resumed_from if waiting_key and paused is None else "",
                 *turns,
             ],
         )
         return bool(res)
+
+    async def paused_state(self, request_id: str) -> bytes | None:
+        """The worker's state blob of a paused run, if it is still waiting."""
+        blob: Any = await self.redis.hget(self.names.run(request_id), "state")
+        return bytes(blob) if blob is not None else None
+
+    async def claim_resume(
+        self, request_id: str, new_request_id: str, tenant: str = ""
+    ) -> tuple[int, list[str]]:
+        """Claim the continuation of a paused run: (1, [pool, tenant, thread_id]) for the first
+        caller; (0, [the continuation]) if another caller claimed it; (-2, [continuation]) if the
+        continuation ran already; (-1, []) if ``request_id`` is not paused (never, or expired)."""
+        n = self.names
+        res = await self._resume(
+            keys=[n.run(request_id), n.resumed(request_id)],
+            args=[new_request_id, PAUSED_TTL_S, n.done(""), tenant],
+        )
+        return int(res[0]), [v.decode() if isinstance(v, bytes) else str(v) for v in res[1:]]
+
+    async def release_resume(self, request_id: str, new_request_id: str) -> None:
+        """Give a claim back when its continuation could not be published."""
+        await self._release(keys=[self.names.resumed(request_id)], args=[new_request_id])
 
     async def is_cancelled(self, request_id: str) -> bool:
         return bool(await self.redis.exists(self.names.cancel(request_id)))

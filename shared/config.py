@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -34,7 +34,34 @@ class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     crash_marker: str | None = None  # chaos testing: a prompt containing this kills the worker process
 
 
+ImportPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class McpServer(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An MCP server an agent type's replicas connect to at warm-up: ``command`` (stdio, a process
+    the replica starts; a first word ``python`` is the worker's own interpreter) or ``url``
+    (streamable HTTP)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    command: list[str] | None = None
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$")] | None = None
+    env: dict[str, str] = {}  # extra environment for a stdio server
+    prefix: str | None = None  # tools are offered as ``{prefix}_{name}``
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # per tool call
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
 class AgentType(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: Literal["chat", "python"] = "chat"  # chat: the built-in model loop; python: `factory`'s agent
+    factory: ImportPath | None = None  # kind = "python": "package.module:callable", called once per replica
+    options: dict[str, Any] = {}  # free-form settings handed to the factory (Setup.options)
+    tools: list[ImportPath] = []  # function tools, "package.module:function"
+    mcp_servers: list[McpServer] = []
+    approval_required: list[ToolName] = []  # tools that pause the run for a human's approval
+    max_tool_rounds: Annotated[int, msgspec.Meta(ge=0, le=100)] = 8
+    tool_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # per tool call, unless the tool says
+    run_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # one request's whole run (its deadline)
     system_prompt: str = "You are a helpful assistant."
     provider: str
     model: str = "fake-1"
@@ -105,6 +132,7 @@ def _check(config: Config) -> list[str]:
             problems.append(f"agent_types.{name}.provider: unknown provider {at.provider!r}")
         if at.prompt_renderer is not None and ":" not in at.prompt_renderer:
             problems.append(f"agent_types.{name}.prompt_renderer: expected 'module:function'")
+        problems += _check_agent(f"agent_types.{name}", at)
     for name, pool in config.pools.items():
         where = f"pools.{name}"
         lim = pool.limits
@@ -128,6 +156,28 @@ def _check(config: Config) -> list[str]:
         if "--" in name:
             problems.append(f"{where}: '--' is reserved for per-tenant pools ({{pool}}--{{tenant}})")
     problems += check_api(config.api_keys, {name: p.tenant for name, p in config.pools.items()})
+    return problems
+
+
+def _check_agent(where: str, at: AgentType) -> list[str]:
+    problems = []
+    if at.kind == "python" and at.factory is None:
+        problems.append(f"{where}.factory: kind = 'python' needs factory = 'package.module:callable'")
+    if at.kind == "chat" and at.factory is not None:
+        problems.append(f"{where}.factory: only kind = 'python' has a factory")
+    if at.approval_required and at.kind != "chat":
+        problems.append(f"{where}.approval_required: human approval pauses the built-in loop (kind = 'chat')")
+    seen: set[str] = set()
+    for i, server in enumerate(at.mcp_servers):
+        if (server.command is None) == (server.url is None):
+            problems.append(f"{where}.mcp_servers[{i}]: give exactly one of command (stdio) or url (HTTP)")
+        if server.command is not None and not server.command:
+            problems.append(f"{where}.mcp_servers[{i}].command: empty")
+        if server.name in seen:
+            problems.append(f"{where}.mcp_servers[{i}].name: duplicate {server.name!r}")
+        seen.add(server.name)
+    if len(set(at.tools)) != len(at.tools):
+        problems.append(f"{where}.tools: a tool is listed twice")
     return problems
 
 

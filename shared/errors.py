@@ -9,11 +9,13 @@
     ├── Forbidden                       403 FORBIDDEN
     ├── NotFound                        404 POOL_NOT_FOUND / REQUEST_NOT_FOUND / NOT_FOUND
     ├── Conflict                        422 IDEMPOTENCY_CONFLICT
+    ├── StateConflict                   409 NOT_WAITING / ALREADY_RESUMED / THREAD_WAITING
     ├── RateLimited                     429 RATE_LIMIT_EXCEEDED       (retry_after_s)
     ├── Unavailable                     503 POOL_SATURATED / POOL_LIMIT / BROKER_UNAVAILABLE
     │                                       / REDIS_UNAVAILABLE       (retry_after_s)
     ├── QueueTimeout                    504 QUEUE_TIMEOUT
     ├── RequestFailed                   502 (an ``error`` event ended the reply; code from it)
+    ├── Interrupted                     200 INTERRUPTED (not a failure: the run waits for approval)
     └── ProviderError                   502 PROVIDER_*  (raised inside workers, sent as events)
 
 Errors from aio-pika, redis and the SDKs are translated where they are caught (broker/amqp.py,
@@ -91,6 +93,13 @@ class Conflict(AgentPoolError):
     error_code = "IDEMPOTENCY_CONFLICT"
 
 
+class StateConflict(AgentPoolError):
+    """The request is not in a state that allows this (resume a run that is not paused, ...)."""
+
+    status = 409
+    error_code = "CONFLICT"
+
+
 class RateLimited(AgentPoolError):
     status = 429
     error_code = "RATE_LIMIT_EXCEEDED"
@@ -111,6 +120,24 @@ class RequestFailed(AgentPoolError):
 
     status = 502
     error_code = "REQUEST_FAILED"
+
+
+class Interrupted(AgentPoolError):
+    """Not a failure: the run paused before a tool call that needs a human's approval.
+
+    ``interrupt`` is the final event (``shared.messages.Interrupt``); continue the run with
+    ``AgentPoolClient.resume(interrupt.request_id, approve=...)``."""
+
+    status = 200
+    error_code = "INTERRUPTED"
+
+    def __init__(self, interrupt: Any) -> None:
+        call = interrupt.tool_call
+        super().__init__(
+            f"request {interrupt.request_id} waits for approval of tool call {call.name!r}",
+            details={"request_id": interrupt.request_id, "tool_call": call.name},
+        )
+        self.interrupt = interrupt
 
 
 class ProviderError(AgentPoolError):
@@ -135,7 +162,10 @@ class ProviderError(AgentPoolError):
 
 STATUS_BY_CODE = {
     "QUEUE_TIMEOUT": 504,
+    "RUN_TIMEOUT": 504,
     "CANCELLED": 499,
+    "THREAD_WAITING": 409,
+    "NOT_WAITING": 409,
 }
 
 

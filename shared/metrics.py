@@ -97,7 +97,7 @@ class Metrics:
     def _requests(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "agentpool_requests",
-            "Requests a replica finished, by outcome (end, error, duplicate, skipped, parked)",
+            "Requests a replica finished, by outcome (end, error, interrupt, duplicate, skipped, parked)",
             (*PD, "outcome"),
             registry=r,
         )
@@ -162,6 +162,26 @@ class Metrics:
             "Replica process start to ready (connect, declare, warm the provider)",
             PD,
             buckets=WARMUP_BUCKETS_S,
+            registry=r,
+        )
+        self.build = Histogram(
+            "agentpool_agent_build_seconds",
+            "Building a replica's agent at warm-up: tools connected, the python factory run",
+            PD,
+            buckets=WARMUP_BUCKETS_S,
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "agentpool_tool_calls",
+            "Tool calls the agents ran, by outcome (ok, or the tool_result's error_code)",
+            (*PD, "outcome"),
+            registry=r,
+        )
+        self.tool_duration = Histogram(
+            "agentpool_tool_duration_seconds",
+            "Tool call durations, every outcome",
+            PD,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.cold_starts = Counter(

@@ -50,6 +50,18 @@ class Names:
     def attempts(self, request_id: str) -> str:
         return f"{self.ns}:attempts:{request_id}"
 
+    def run(self, request_id: str) -> str:
+        """Hash: a run paused for approval (pool, tenant, thread_id, the worker's state blob)."""
+        return f"{self.ns}:run:{request_id}"
+
+    def resumed(self, request_id: str) -> str:
+        """The request id of the run that continues a paused one (claimed once)."""
+        return f"{self.ns}:resumed:{request_id}"
+
+    def waiting(self, tenant: str, thread_id: str) -> str:
+        """The paused request a thread waits on; other requests to the thread are refused meanwhile."""
+        return f"{self.ns}:waiting:{tenant}:{thread_id}"
+
     def idem(self, tenant: str, key: str) -> str:
         return f"{self.ns}:idem:{tenant}:{key}"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import parse_config
-from shared.messages import TURN_DECODER, End, Error, Restart, Start
+from shared.messages import MESSAGE_DECODER, End, Error, Restart, Start
 from tests.conftest import EXAMPLE, System, wait_until
 from workers.supervisor import Supervisor
 
@@ -111,7 +111,7 @@ async def _sigkill_under_load(system: System, sup: Supervisor) -> None:
     # and every thread's history holds its 5 turns once each, in order
     for t, rids in sent.items():
         turns = [
-            TURN_DECODER.decode(b)
+            MESSAGE_DECODER.decode(b)
             for b in await client.redis.lrange(client.names.thread("default", t), 0, -1)
         ]
         assert [x.request_id for x in turns] == [r for r in rids for _ in (0, 1)], t

@@ -1,10 +1,12 @@
-"""Coalescing chunk writer: text emitted while the previous XADD is in flight rides the next one.
+"""Coalescing reply writer: text emitted while the previous XADD is in flight rides the next one.
 
 The first piece goes out after one event-loop turn (microseconds); under a fast stream
 the writer sends one entry per Redis round trip instead of one per token, which is where most
-of the per-request CPU went in the floor benchmark. Text still unwritten when generation ends
-(:meth:`ChunkWriter.close_tail`) rides the final event's own write, so a reply whose last tokens
-come together with its end costs one Redis round trip, and one XREAD wake-up, less.
+of the per-request CPU went in the floor benchmark. Step events (tool calls, tool results,
+custom steps) keep their place between the text around them: consecutive text becomes one
+``chunk``, and everything pending goes out in one pipelined round trip. Text still unwritten when
+the run ends (:meth:`ChunkWriter.close_tail`) rides the final event's own write, so a reply whose
+last tokens come together with its end costs one Redis round trip, and one XREAD wake-up, less.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ import time
 from collections.abc import Callable
 
 from broker.streams import ReplyStore
+from shared.messages import Chunk, Event, StepEvent
+
+Pending = str | StepEvent
 
 
 class ChunkWriter:
     def __init__(
-        self, store: ReplyStore, request_id: str, attempt: int, on_cancel: Callable[[], None]
+        self, store: ReplyStore, request_id: str, attempt: int, on_cancel: Callable[[], None] | None = None
     ) -> None:
         self._store = store
         self._request_id = request_id
         self._attempt = attempt
-        self._on_cancel = on_cancel
-        self._pending: list[str] = []
+        self.on_cancel = on_cancel  # called when a write finds the request cancelled
+        self._pending: list[Pending] = []
         self._parts: list[str] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -44,6 +49,12 @@ class ChunkWriter:
         self._parts.append(text)
         self._wake.set()
 
+    def event(self, event: StepEvent) -> None:
+        """A step event, written after the text emitted before it."""
+        event.attempt = self._attempt
+        self._pending.append(event)
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
@@ -54,12 +65,30 @@ class ChunkWriter:
             if self._keep_tail:
                 return
             if self._pending:
-                text = "".join(self._pending)
-                self._pending.clear()
-                if await self._store.chunk(self._request_id, text, self._attempt):
-                    self._on_cancel()
+                await self._write(self._take(len(self._pending)))
             if self._closing and not self._pending:
                 return
+
+    def _take(self, n: int) -> list[Event]:
+        """The first ``n`` pending items as stream events, consecutive text joined into one chunk."""
+        items, self._pending = self._pending[:n], self._pending[n:]
+        out: list[Event] = []
+        text: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                text.append(item)
+                continue
+            if text:
+                out.append(Chunk(text="".join(text), attempt=self._attempt))
+                text = []
+            out.append(item)
+        if text:
+            out.append(Chunk(text="".join(text), attempt=self._attempt))
+        return out
+
+    async def _write(self, events: list[Event]) -> None:
+        if await self._store.append(self._request_id, events) and self.on_cancel is not None:
+            self.on_cancel()
 
     async def close(self) -> None:
         """Flush what is pending and stop; re-raises a write error (e.g. Redis gone)."""
@@ -68,12 +97,16 @@ class ChunkWriter:
         await self._task
 
     async def close_tail(self) -> str:
-        """Stop once the entry in flight (if any) is written; return the text not written yet,
-        for the caller to write with the final event. Re-raises a write error."""
+        """Stop once the entry in flight (if any) is written; write pending step events; return the
+        trailing text not written yet, for the caller to write with the final event. Re-raises a
+        write error."""
         self._closing = self._keep_tail = True
         self._wake.set()
         await self._task
-        tail = "".join(self._pending)
+        last_event = max((i for i, p in enumerate(self._pending) if not isinstance(p, str)), default=-1)
+        if last_event >= 0:
+            await self._write(self._take(last_event + 1))
+        tail = "".join(p for p in self._pending if isinstance(p, str))
         self._pending.clear()
         return tail
 

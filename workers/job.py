@@ -1,7 +1,9 @@
-"""Running one request on a warm replica: begin, generate, stream, finish, ack.
+"""Running one request on a warm replica: begin, run the agent, stream, finish, ack.
 
-The ack comes only after the final event (and the thread's turns) are written; a crash before
-that redelivers the request, and ``ReplyStore.begin``/``finish`` make the retry safe.
+The ack comes only after the final event (and the thread's messages) are written; a crash before
+that redelivers the request, and ``ReplyStore.begin``/``finish`` make the retry safe. A run that
+pauses for approval ends with an ``interrupt`` event; its state goes to Redis in the same write,
+so any replica can continue it, after any restart, when a ``resume`` request comes.
 """
 
 from __future__ import annotations
@@ -12,12 +14,28 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED
+import msgspec
+
+from broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED, BEGIN_WAITING, Paused
 from shared.errors import ProviderError
-from shared.messages import TURN_DECODER, TURN_ENCODER, Chunk, End, Error, Request, Timings, Turn, Usage
+from shared.messages import (
+    MESSAGE_DECODER,
+    MESSAGE_ENCODER,
+    Chunk,
+    End,
+    Error,
+    Interrupt,
+    Message,
+    Request,
+    StepEvent,
+    Timings,
+    Usage,
+)
 from workers import coldstart
+from workers.agents.api import Turn
+from workers.agents.loop import AgentFailed, Decision, LoopState, NeedsApproval
 from workers.chunks import ChunkWriter
-from workers.providers.base import Message
+from workers.transcript import Transcript, clean_history
 
 if TYPE_CHECKING:
     from workers.runtime import Worker
@@ -25,17 +43,64 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentpool.worker")
 
 
-class Cancelled(Exception):
-    """The client went away (cancel key set): stop generating."""
-
-
 @dataclass
 class Outcome:
-    kind: str  # end | error | duplicate | skipped | parked
+    kind: str  # end | error | interrupt | duplicate | skipped | parked
     error_code: str = ""
     latency_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
     final: Error | None = None  # for "parked": written by the runtime once the message is parked
+
+
+class PausedRun(msgspec.Struct, kw_only=True):
+    """A run waiting for approval, as stored in ``run:{request_id}``: enough to go on without
+    repeating a model call. ``request`` is the request that started the run."""
+
+    v: int = 1
+    request: Request
+    loop: LoopState
+    transcript: list[Message]  # this run's messages for the thread, so far
+    usage: Usage
+    steps: list[StepEvent]
+    content: str  # text sent so far
+    system: str  # the system prompt the run started with (a renderer may vary it per run)
+    first_request_id: str  # the request that started the run (its id marks the thread's messages)
+
+
+PAUSED_ENCODER = msgspec.msgpack.Encoder()
+PAUSED_DECODER = msgspec.msgpack.Decoder(PausedRun)
+
+
+class RunSink:
+    """The run's output: to the client (the chunk writer), the thread (a transcript), the steps."""
+
+    def __init__(self, writer: ChunkWriter, transcript: Transcript, steps: list[StepEvent]) -> None:
+        self.writer = writer
+        self.transcript = transcript
+        self.steps = steps
+
+    def text(self, text: str) -> None:
+        self.writer.emit(text)
+        self.transcript.text(text)
+
+    def event(self, event: StepEvent) -> None:
+        self.writer.event(event)
+        self.transcript.event(event)
+        self.steps.append(event)
+
+
+@dataclass
+class Run:
+    """One request's run on this replica, fresh or resumed."""
+
+    req: Request  # the request being answered now
+    attempt: int
+    turn: Turn
+    sink: RunSink
+    writer: ChunkWriter
+    started: float  # monotonic
+    queue_wait_ms: float
+    paused: PausedRun | None = None  # the state a resume continues from
 
 
 async def run_job(worker: Worker, req: Request, received_at: float, redelivered: bool = False) -> Outcome:
@@ -51,16 +116,25 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         agent_id=worker.replica_id,
         queue_wait_ms=queue_wait_ms,
         thread_key=thread_key,
-        history_entries=worker.agent_type.history_turns * 2,
+        history_entries=0 if req.resume else worker.agent_type.history_turns * 2,
         max_attempts=worker.pool.limits.max_attempts,
         redelivered=redelivered,
         traceparent=req.traceparent,
+        waiting_key=names.waiting(req.tenant, req.thread_id),
+        resumes=req.resume.request_id if req.resume else "",
     )
     if status == BEGIN_DONE:
         return Outcome("duplicate")
     if status == BEGIN_CANCELLED:
         await store.finish(_error(req, "CANCELLED", "the client cancelled the request"))
         return Outcome("skipped", "CANCELLED")
+    if status == BEGIN_WAITING:
+        waiting_on = raw_history[0].decode() if raw_history else "?"
+        why = (
+            f"thread {req.thread_id!r} waits for approval of request {waiting_on}; resume or deny that first"
+        )
+        await store.finish(_error(req, "THREAD_WAITING", why))
+        return Outcome("error", "THREAD_WAITING")
     if status == BEGIN_EXHAUSTED:
         # The runtime parks the message first and then writes this error, so a client that sees
         # REQUEST_POISONED can find the message in the parking queue; a crash in between only
@@ -69,79 +143,222 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         return Outcome("parked", "REQUEST_POISONED", final=_error(req, "REQUEST_POISONED", why, attempt))
     if attempt > 1:
         worker.metrics.redelivered()
-    history = [Message(t.role, t.content) for t in map(TURN_DECODER.decode, raw_history)]
-    return await _generate(worker, req, attempt, history, thread_key, queue_wait_ms)
+    paused = None
+    if req.resume is not None:
+        paused = await _load_paused(worker, req)
+        if paused is None:
+            why = f"request {req.resume.request_id} is not waiting for approval (finished, or expired)"
+            await store.finish(_error(req, "NOT_WAITING", why, attempt))
+            return Outcome("error", "NOT_WAITING")
+    history = clean_history([MESSAGE_DECODER.decode(m) for m in raw_history])
+    run = _prepare(worker, req, attempt, history, queue_wait_ms, paused)
+    return await _execute(worker, run)
 
 
-async def _generate(
+async def _load_paused(worker: Worker, req: Request) -> PausedRun | None:
+    assert req.resume is not None
+    blob = await worker.store.paused_state(req.resume.request_id)
+    if blob is None:
+        return None
+    try:
+        return PAUSED_DECODER.decode(blob)
+    except msgspec.MsgspecError as e:
+        log.error("request %s: unreadable paused state: %s", req.resume.request_id, e)
+        return None
+
+
+def _prepare(
     worker: Worker,
     req: Request,
     attempt: int,
     history: list[Message],
-    thread_key: str,
     queue_wait_ms: float,
-) -> Outcome:
-    t0 = time.monotonic()
-    prompt = worker.renderer(worker.agent_type, req, history)
-    gen: asyncio.Task[Usage] | None = None
+    paused: PausedRun | None,
+) -> Run:
+    """The turn the agent sees and where its output goes."""
+    first = paused.request if paused else req
+    prompt = worker.renderer(worker.agent_type, first, history)
+    turn = Turn(
+        request_id=req.request_id,
+        content=first.content,
+        thread_id=req.thread_id,
+        tenant=req.tenant,
+        history=history,
+        context_variables=first.context_variables,
+        deadline=time.time() + worker.agent_type.run_timeout_s,
+        llm=worker.llm.for_request(),
+        system=paused.system if paused else prompt.system,
+        tools=list(worker.toolbox.tools.values()),
+        attempt=attempt,
+        _toolbox=worker.toolbox,
+        _max_rounds=worker.agent_type.max_tool_rounds,
+        _opening=prompt.messages,
+    )
+    writer = ChunkWriter(worker.store, req.request_id, attempt)
+    if paused is None:
+        transcript = Transcript([Message("user", req.content)])
+        steps: list[StepEvent] = []
+    else:
+        transcript = Transcript(paused.transcript)
+        steps = list(paused.steps)
+    sink = RunSink(writer, transcript, steps)
+    return Run(req, attempt, turn, sink, writer, time.monotonic(), queue_wait_ms, paused)
+
+
+async def _execute(worker: Worker, run: Run) -> Outcome:
+    req, writer = run.req, run.writer
+    task: asyncio.Task[None] = asyncio.create_task(_agent(worker, run))
 
     def cancel() -> None:
-        if gen is not None and not gen.done():
-            gen.cancel(msg="client cancelled")
+        if not task.done():
+            task.cancel(msg="client cancelled")
 
-    writer = ChunkWriter(worker.store, req.request_id, attempt, cancel)
-    gen = asyncio.create_task(worker.generate(prompt, writer.emit))
+    writer.on_cancel = cancel
+    worker.watch_cancel(req.request_id, cancel)
     try:
-        usage = await gen
+        await task
     except asyncio.CancelledError:
         writer.abort()
-        if gen.cancelled() and not _current_task_cancelling():
-            await worker.store.finish(_error(req, "CANCELLED", "the client cancelled the request", attempt))
+        if task.cancelled() and not _current_task_cancelling():
+            await worker.store.finish(
+                _error(req, "CANCELLED", "the client cancelled the request", run.attempt)
+            )
             return Outcome("error", "CANCELLED")
         raise
+    except NeedsApproval as e:
+        return await _pause(worker, run, e.state)
+    except TimeoutError:
+        why = f"the run took longer than run_timeout_s ({worker.agent_type.run_timeout_s:g} s)"
+        return await _fail(worker, run, "RUN_TIMEOUT", why)
     except ProviderError as e:
-        await writer.close()
-        await worker.store.finish(_error(req, e.error_code, e.message, attempt, e.retryable))
         if e.fatal:
             worker.mark_unhealthy(e.message)
-        return Outcome("error", e.error_code)
+        return await _fail(worker, run, e.error_code, e.message, e.retryable)
+    except AgentFailed as e:
+        return await _fail(worker, run, e.error_code, e.message)
     except Exception as e:  # a bug must not leave a client hanging
         log.exception("request %s failed", req.request_id, extra=log_fields(worker, req))
         writer.abort()
-        await worker.store.finish(_error(req, "INTERNAL", f"agent failed: {type(e).__name__}", attempt))
+        await worker.store.finish(_error(req, "INTERNAL", f"agent failed: {type(e).__name__}", run.attempt))
         return Outcome("error", "INTERNAL")
+    finally:
+        worker.unwatch_cancel(req.request_id)
+    return await _end(worker, run)
+
+
+async def _agent(worker: Worker, run: Run) -> None:
+    assert worker.agent is not None  # a replica consumes only once its agent is built
+    runner = worker.agent.runner
+    async with asyncio.timeout(worker.agent_type.run_timeout_s):
+        if run.paused is None:
+            await runner.run(run.turn, run.sink)
+        else:
+            assert run.req.resume is not None
+            decision = Decision(approve=run.req.resume.approve, reason=run.req.resume.reason)
+            await runner.resume(run.turn, run.sink, run.paused.loop, decision)
+
+
+async def _fail(worker: Worker, run: Run, code: str, why: str, retryable: bool = False) -> Outcome:
+    """Steps and text sent so far stay on the stream; the error event ends it."""
+    await run.writer.close()
+    req = run.req
+    await worker.store.finish(
+        _error(req, code, why, run.attempt, retryable),
+        waiting_key=worker.names.waiting(req.tenant, req.thread_id) if req.resume else "",
+        resumed_from=req.resume.request_id if req.resume else "",
+    )
+    return Outcome("error", code)
+
+
+def _usage(run: Run) -> Usage:
+    now = run.turn.llm.usage
+    before = run.paused.usage if run.paused else Usage()
+    return Usage(before.input_tokens + now.input_tokens, before.output_tokens + now.output_tokens)
+
+
+def _content(run: Run) -> str:
+    return (run.paused.content if run.paused else "") + run.writer.text()
+
+
+async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
+    req, names = run.req, worker.names
+    tail = await run.writer.close_tail()
+    first_id = run.paused.first_request_id if run.paused else req.request_id
+    paused = PausedRun(
+        request=run.paused.request if run.paused else req,
+        loop=state,
+        transcript=run.sink.transcript.messages,
+        usage=_usage(run),
+        steps=run.sink.steps,
+        content=_content(run),
+        system=run.turn.system,
+        first_request_id=first_id,
+    )
+    event = Interrupt(
+        request_id=req.request_id,
+        thread_id=req.thread_id,
+        agent_id=worker.replica_id,
+        tool_call=state.pending[0],
+        content=paused.content,
+        usage=paused.usage,
+        steps=paused.steps,
+        created_at=req.created_at,
+        attempt=run.attempt,
+        resumed_from=req.resume.request_id if req.resume else None,
+    )
+    won = await worker.store.finish(
+        event,
+        last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
+        paused=Paused(PAUSED_ENCODER.encode(paused), req.pool, req.tenant, req.thread_id),
+        waiting_key=names.waiting(req.tenant, req.thread_id),
+        resumed_from=req.resume.request_id if req.resume else "",
+    )
+    return Outcome("interrupt" if won else "duplicate", latency_ms=_total_ms(req))
+
+
+async def _end(worker: Worker, run: Run) -> Outcome:
+    req, writer = run.req, run.writer
     tail = await writer.close_tail()
-    content = writer.text()
     now = time.monotonic()
     first = writer.first_at or now
-    total_ms = max(0.0, (time.time() - req.created_at) * 1000)
     cold_ms = coldstart.cold_start_ms(req, worker.info)
+    usage = _usage(run)
     end = End(
         request_id=req.request_id,
         thread_id=req.thread_id,
         agent_id=worker.replica_id,
-        content=content,
+        content=_content(run),
         usage=usage,
         timings=Timings(
-            queue_wait_ms=round(queue_wait_ms, 3),
-            ttft_ms=round((first - t0) * 1000, 3),
-            generation_ms=round((now - t0) * 1000, 3),
-            total_ms=round(total_ms, 3),
+            queue_wait_ms=round(run.queue_wait_ms, 3),
+            ttft_ms=round((first - run.started) * 1000, 3),
+            generation_ms=round((now - run.started) * 1000, 3),
+            total_ms=round(_total_ms(req), 3),
             cold_start_ms=cold_ms,
         ),
         created_at=req.created_at,
-        attempt=attempt,
+        attempt=run.attempt,
+        steps=run.sink.steps,
+        resumed_from=req.resume.request_id if req.resume else None,
     )
-    turns = (
-        TURN_ENCODER.encode(Turn("user", req.content, req.request_id)),
-        TURN_ENCODER.encode(Turn("assistant", content, req.request_id)),
+    marked = run.paused.first_request_id if run.paused else req.request_id
+    turns = [MESSAGE_ENCODER.encode(m) for m in run.sink.transcript.close(marked)]
+    won = await worker.store.finish(
+        end,
+        thread_key=worker.names.thread(req.tenant, req.thread_id),
+        turns=turns,
+        last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
+        waiting_key=worker.names.waiting(req.tenant, req.thread_id) if req.resume else "",
+        resumed_from=req.resume.request_id if req.resume else "",
     )
-    last_chunk = Chunk(text=tail, attempt=attempt) if tail else None
-    won = await worker.store.finish(end, thread_key=thread_key, turns=turns, last_chunk=last_chunk)
     if won and cold_ms:
         await coldstart.record(worker, req.pool, cold_ms)
     extra: dict[str, object] = {"usage": usage, "timings": end.timings}  # for the metrics hook
-    return Outcome("end" if won else "duplicate", latency_ms=total_ms, extra=extra)
+    return Outcome("end" if won else "duplicate", latency_ms=end.timings.total_ms, extra=extra)
+
+
+def _total_ms(req: Request) -> float:
+    return max(0.0, (time.time() - req.created_at) * 1000)
 
 
 def log_fields(worker: Worker, req: Request) -> dict[str, str]:

@@ -13,7 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from shared import metrics
 from shared.errors import ProviderError
-from shared.messages import Timings, Usage
+from shared.messages import Timings, ToolResult, Usage
 from workers.job import Outcome
 
 
@@ -28,6 +28,7 @@ class _Bound:
     tokens_out: Counter
     redeliveries: Counter
     rescues: Counter
+    tool_duration: Histogram
 
 
 class ReplicaMetrics:
@@ -49,6 +50,7 @@ class ReplicaMetrics:
                 m.tokens_out.labels(*pd, provider, model),
                 m.redeliveries.labels(*pd),
                 m.rescues.labels(*pd),
+                m.tool_duration.labels(*pd),
             )
 
     def warmed(self, warmup_ms: float) -> None:
@@ -56,6 +58,17 @@ class ReplicaMetrics:
         if self.m is not None:
             self.m.warmup.labels(*self.labels).observe(warmup_ms / 1000)
             self.m.cold_starts.labels(*self.labels).inc()
+
+    def built(self, build_ms: float) -> None:
+        """The agent was built (tools connected, factory run) during warm-up."""
+        if self.m is not None:
+            self.m.build.labels(*self.labels).observe(build_ms / 1000)
+
+    def tool_result(self, result: ToolResult) -> None:
+        """``ToolBox.on_result``: one tool call ran (or failed)."""
+        if self.m is not None and self.b is not None:
+            self.m.tool_calls.labels(*self.labels, result.error_code or "ok").inc()
+            self.b.tool_duration.observe(result.duration_ms / 1000)
 
     def received(self, headers: Mapping[str, object] | None, redelivered: bool) -> None:
         """A delivery began; dead-lettered (``x-death``) means it was rescued from a replica queue."""

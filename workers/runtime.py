@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import aio_pika
 import msgspec
@@ -27,22 +29,26 @@ from broker.redis_conn import REDIS_ERRORS, connect
 from broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
 from broker.streams import ReplyStore
 from shared.config import Config
-from shared.errors import ProviderError
-from shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request, Usage
+from shared.errors import ConfigError, ProviderError
+from shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request
 from shared.names import Names, replica_id
 from shared.settings import Settings
 from shared.tasks import cancel_and_wait
+from workers.agents import LLM, OpenedAgent, open_agent
+from workers.agents.loop import ToolBox
+from workers.agents.python import FactoryFailed
 from workers.job import Outcome, log_fields, run_job
-from workers.prompting import load_renderer
+from workers.prompting import Renderer, default_renderer, load_renderer
 from workers.providers import build_provider
-from workers.providers.base import Emit, Prompt
-from workers.providers.retry import generate_with_retries
 from workers.replica_metrics import ReplicaMetrics
+from workers.tools.base import ToolSourceError
 
 log = logging.getLogger("agentpool.worker")
 
 DRAIN_TIMEOUT_S = 30.0
 REDIS_RETRY_DELAY_S = 1.0
+CANCEL_POLL_S = 0.5  # how often requests in flight (a long tool call writes nothing) look for a cancel
+REBUILD_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # an unreachable MCP server: try again, this often
 
 
 class Worker:
@@ -56,7 +62,7 @@ class Worker:
         self.provider_config = config.providers[self.agent_type.provider]
         self.replica_id = replica_id(pool, deployment, n)
         self.names = Names(settings.namespace)
-        self.renderer = load_renderer(self.agent_type.prompt_renderer)
+        self.renderer: Renderer = default_renderer
         self.amqp = Amqp(settings.amqp_url, channels=1)
         self.redis = connect(settings.redis_url)
         self.store = ReplyStore(self.redis, self.names)
@@ -77,10 +83,16 @@ class Worker:
         self._channel: AbstractChannel | None = None
         self._queues: list[AbstractQueue] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._cancel_watch: asyncio.Task[None] | None = None
+        self._rebuild: asyncio.Task[None] | None = None
+        self._watched: dict[str, tuple[float, Callable[[], None]]] = {}
         self._latency_sum_ms = 0.0
         self.ready = asyncio.Event()
         self.metrics = ReplicaMetrics(pool, deployment, self.provider_config.kind, self.agent_type.model)
         self.on_outcome: Callable[[Outcome], None] | None = self.metrics.outcome  # metrics hook
+        self.llm = LLM(self.provider, self.agent_type.retries, on_retry=self.metrics.retried)
+        self.agent: OpenedAgent | None = None
+        self.toolbox = ToolBox([], timeout_s=self.agent_type.tool_timeout_s)
 
     # --- lifecycle
     async def async_run(self, stop: asyncio.Event, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -103,6 +115,7 @@ class Worker:
         )
         self._queues = [own, shared]
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        self._cancel_watch = asyncio.create_task(self._cancel_loop(), name="cancel-watch")
         try:
             await self.provider.warm()
         except ProviderError as e:
@@ -110,10 +123,57 @@ class Worker:
             self.mark_unhealthy(e.message)
             log.error("replica %s could not warm its provider: %s", self.replica_id, e.message)
             return
+        built = await self._build()
+        if built == "retry":
+            self._rebuild = asyncio.create_task(self._rebuild_loop(t0), name="rebuild")
+        if built == "ok":
+            await self._go_ready(t0)
+
+    async def _go_ready(self, t0: float) -> None:
         self.info.warmup_ms = (time.monotonic() - t0) * 1000
         self.metrics.warmed(self.info.warmup_ms)
         await self._consume()
         log.info("replica %s ready in %.0f ms", self.replica_id, self.info.warmup_ms)
+
+    async def _build(self) -> Literal["ok", "retry", "failed"]:
+        """Build the agent (tools, factory). An unreachable MCP server is worth trying again later;
+        any other failure leaves the replica unhealthy for good (with the reason), never a crash loop."""
+        t0 = time.monotonic()
+        try:
+            self.renderer = load_renderer(self.agent_type.prompt_renderer)
+            self.agent = await open_agent(
+                self.deployment.agent_type,
+                self.agent_type,
+                replica_id=self.replica_id,
+                pool=self.pool_name,
+                deployment=self.deployment.name,
+                llm=self.llm,
+                on_tool_result=self.metrics.tool_result,
+            )
+        except (ConfigError, FactoryFailed, ToolSourceError) as e:
+            retry = isinstance(e, ToolSourceError) and e.retryable
+            self._build_failed(str(e), retry)
+            return "retry" if retry else "failed"
+        self.info.build_ms = round((time.monotonic() - t0) * 1000, 3)
+        self.metrics.built(self.info.build_ms)
+        self.toolbox = self.agent.runner.ctx.toolbox
+        if self.info.status == "unhealthy":
+            self.info.status, self.info.detail = "starting", ""
+        return "ok"
+
+    def _build_failed(self, why: str, retry: bool) -> None:
+        self.mark_unhealthy(why)
+        again = "; trying again" if retry else ""
+        log.error("replica %s could not build its agent: %s%s", self.replica_id, why, again)
+
+    async def _rebuild_loop(self, t0: float) -> None:
+        for delay in itertools.chain(REBUILD_DELAYS_S, itertools.repeat(REBUILD_DELAYS_S[-1])):
+            await asyncio.sleep(delay)
+            built = await self._build()
+            if built == "ok":
+                await self._go_ready(t0)
+            if built != "retry":
+                return
 
     async def _consume(self) -> None:
         for q in self._queues:
@@ -152,8 +212,10 @@ class Worker:
             await self.registry.remove(self.pool_name, self.replica_id)
 
     async def aclose(self) -> None:
-        await cancel_and_wait([self._heartbeat])
+        await cancel_and_wait([self._heartbeat, self._cancel_watch, self._rebuild])
         self.metrics.queue_ready(0)
+        if self.agent is not None:
+            await self.agent.aclose()
         await self.provider.aclose()
         await self.amqp.aclose()
         await self.redis.aclose()
@@ -188,12 +250,35 @@ class Worker:
         ok = await raw.queue_declare(self.names.replica_queue(self.replica_id), passive=True)
         return int(ok.message_count or 0)
 
-    # --- work
-    async def generate(self, prompt: Prompt, emit: Emit) -> Usage:
-        return await generate_with_retries(
-            self.provider, prompt, emit, retries=self.agent_type.retries, on_retry=self.metrics.retried
-        )
+    # --- cancellation of requests that write nothing for a while (a long tool call)
+    def watch_cancel(self, request_id: str, cancel: Callable[[], None]) -> None:
+        self._watched[request_id] = (time.monotonic(), cancel)
 
+    def unwatch_cancel(self, request_id: str) -> None:
+        self._watched.pop(request_id, None)
+
+    async def _cancel_loop(self) -> None:
+        """Every CANCEL_POLL_S, one pipelined EXISTS over the cancel keys of requests running
+        longer than that (a request that writes chunks learns of a cancel on each write)."""
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            due = time.monotonic() - CANCEL_POLL_S
+            ids = [rid for rid, (since, _) in self._watched.items() if since < due]
+            if not ids:
+                continue
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    for rid in ids:
+                        p.exists(self.names.cancel(rid))
+                    found = await p.execute()
+            except REDIS_ERRORS as e:
+                log.warning("cancel watch: %s", e)
+                continue
+            for rid, hit in zip(ids, found, strict=True):
+                if hit and (entry := self._watched.pop(rid, None)) is not None:
+                    entry[1]()
+
+    # --- work
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(self._handle(message))
         self._tasks[task] = message
@@ -248,7 +333,7 @@ class Worker:
         self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
-        if outcome.kind in ("end", "error"):
+        if outcome.kind in ("end", "error", "interrupt"):
             self.info.processed += 1
             self._latency_sum_ms += outcome.latency_ms
         if outcome.kind == "error":
