@@ -32,14 +32,25 @@ from broker.router import Router
 from broker.streams import ReplyReader, ReplyStore, Subscription
 from shared import metrics
 from shared.config import Config, Pool, load_config
-from shared.errors import AgentPoolError, BadRequest, NotFound, RequestFailed, Unavailable
+from shared.errors import (
+    AgentPoolError,
+    BadRequest,
+    Interrupted,
+    NotFound,
+    RequestFailed,
+    StateConflict,
+    Unavailable,
+)
 from shared.messages import (
     EVENT_DECODER,
+    FINAL_TYPES,
     REQUEST_ENCODER,
     End,
     Error,
     Event,
+    Interrupt,
     Request,
+    Resume,
 )
 from shared.names import Names
 from shared.settings import Settings
@@ -296,7 +307,7 @@ class AgentPoolClient:
                 if kind == b"start":
                     started = True
                 yield entry
-                if kind in (b"end", b"error"):
+                if kind in FINAL_TYPES:
                     return
         finally:
             sub.close()
@@ -333,7 +344,8 @@ class AgentPoolClient:
         return sub, ticket
 
     async def ask(self, pool: str, content: str, **kwargs: object) -> End:
-        """Submit and wait for the answer; raises :class:`RequestFailed` on an ``error`` event."""
+        """Submit and wait for the answer; raises :class:`RequestFailed` on an ``error`` event and
+        :class:`Interrupted` when the run pauses for a human's approval (see :meth:`resume`)."""
         sub, ticket = await self.submit_subscribed(pool, content, **kwargs)
         return await self.result(ticket, sub=sub)
 
@@ -341,9 +353,81 @@ class AgentPoolClient:
         async for _id, kind, data in self.stream_raw(ticket, sub=sub):
             if kind == b"end":
                 return msgspec.json.decode(data, type=End)
+            if kind == b"interrupt":
+                raise Interrupted(msgspec.json.decode(data, type=Interrupt))
             if kind == b"error":
                 err = msgspec.json.decode(data, type=Error)
                 raise RequestFailed(
                     err.error, error_code=err.error_code, details={"request_id": err.request_id}
                 )
         raise AgentPoolError("reply stream ended without a final event")
+
+    # --- human approval
+    async def resume(
+        self, request_id: str, *, approve: bool, reason: str = "", tenant: str | None = None
+    ) -> End:
+        """Continue a run paused for approval (on any replica of its pool) and wait for its answer;
+        may raise :class:`Interrupted` again if the run reaches another call that needs approval."""
+        sub, ticket = await self.resume_subscribed(request_id, approve=approve, reason=reason, tenant=tenant)
+        return await self.result(ticket, sub=sub)
+
+    async def resume_stream(
+        self, request_id: str, *, approve: bool, reason: str = "", tenant: str | None = None
+    ) -> AsyncIterator[Event]:
+        """:meth:`resume`, as the continuation's events."""
+        sub, ticket = await self.resume_subscribed(request_id, approve=approve, reason=reason, tenant=tenant)
+        async for _id, _kind, data in self.stream_raw(ticket, sub=sub):
+            yield EVENT_DECODER.decode(data)
+
+    async def resume_subscribed(
+        self, request_id: str, *, approve: bool, reason: str = "", tenant: str | None = None
+    ) -> tuple[Subscription, Ticket]:
+        """Claim the paused run (once: a second resume is 409 ALREADY_RESUMED) and publish its
+        continuation, a new request whose reply stream carries the rest of the run."""
+        rid = new_id()
+        with translated(self.settings.redis_url):
+            status, values = await self.store.claim_resume(request_id, rid, tenant or "")
+        if status == -1:
+            raise StateConflict(
+                f"request {request_id!r} is not waiting for approval (unknown, finished, or expired)",
+                error_code="NOT_WAITING",
+                details={"request_id": request_id},
+            )
+        if status != 1:
+            raise StateConflict(
+                f"request {request_id!r} was resumed already",
+                error_code="ALREADY_RESUMED",
+                details={"request_id": request_id, "resumed_by": values[0]},
+            )
+        pool, owner, thread_id = values
+        sub = self.reader.subscribe(self.names.reply(rid))
+        try:
+            ticket = await self._publish_resume(
+                rid, pool, owner, thread_id, Resume(request_id=request_id, approve=approve, reason=reason)
+            )
+        except BaseException:
+            sub.close()
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.store.release_resume(request_id, rid)
+            raise
+        return sub, ticket
+
+    async def _publish_resume(
+        self, rid: str, pool: str, tenant: str, thread_id: str, resume: Resume
+    ) -> Ticket:
+        p = tenants.pool_config(self.config, pool)
+        if p is None:
+            raise NotFound(f"no pool named {pool!r}", error_code="POOL_NOT_FOUND", details={"pool": pool})
+        now = time.time()
+        req = Request(
+            request_id=rid,
+            pool=pool,
+            tenant=tenant,
+            thread_id=thread_id,
+            content="",
+            created_at=now,
+            start_by=now + p.limits.max_wait_s,
+            resume=resume,
+        )
+        replica, tier = await self._publish(req, p, True)
+        return Ticket(rid, thread_id, pool, replica, tier, req.start_by)

@@ -20,6 +20,7 @@ VERSION = "1.0.0"
 _TYPES = [
     s.AskBody,
     s.AskResponse,
+    s.ResumeBody,
     s.Accepted,
     s.Running,
     s.ErrorBody,
@@ -30,9 +31,15 @@ _TYPES = [
     m.Start,
     m.Chunk,
     m.Restart,
+    m.ToolCall,
+    m.ToolResult,
+    m.Step,
     m.End,
+    m.Interrupt,
     m.Error,
 ]  # m.*: SSE event data
+_EVENTS = ("start", "chunk", "restart", "tool_call", "tool_result", "step", "end", "interrupt", "error")
+_EVENT_TYPES = ("Start", "Chunk", "Restart", "ToolCall", "ToolResult", "Step", "End", "Interrupt", "Error")
 _REF = "#/components/schemas/{name}"
 _ERROR_TEXT = {
     400: "Bad input (INVALID_JSON, VALIDATION_ERROR, WEBHOOK_URL_REFUSED, ...)",
@@ -40,31 +47,30 @@ _ERROR_TEXT = {
     403: "The API key lacks the scope this endpoint needs (FORBIDDEN)",
     404: "Unknown, or another tenant's (POOL_NOT_FOUND, REQUEST_NOT_FOUND, KEY_NOT_FOUND, NOT_FOUND)",
     405: "Method not allowed (METHOD_NOT_ALLOWED)",
+    409: "Not in a state that allows it (NOT_WAITING, ALREADY_RESUMED, THREAD_WAITING)",
     413: "Body larger than 256 KiB (PAYLOAD_TOO_LARGE)",
     422: "Idempotency-Key reused with another body (IDEMPOTENCY_CONFLICT)",
     429: "Rate limit exceeded (RATE_LIMIT_EXCEEDED); see Retry-After",
     499: "The request was cancelled (CANCELLED)",
     502: "The generation failed; error_code is the provider's or the worker's",
     503: "Pool saturated or a dependency unreachable (POOL_SATURATED, REDIS_UNAVAILABLE, ...)",
-    504: "No agent started the request within max_wait_s (QUEUE_TIMEOUT)",
+    504: "No agent started the request within max_wait_s (QUEUE_TIMEOUT), or the run took longer "
+    "than its run_timeout_s (RUN_TIMEOUT)",
 }
 _INT = {"type": "integer", "minimum": 0}
 _SSE_EVENT = {  # one event of the stream (": keep-alive" comment lines carry none)
     "type": "object",
     "required": ["id", "event", "data"],
-    "description": "start, chunk..., then end or error (restart when a new attempt begins); "
-    "id is a Redis stream entry id, usable as Last-Event-ID",
+    "description": "start, then chunk, tool_call, tool_result and step events, then end, error, or "
+    "interrupt (the run waits for approval); restart when a new attempt begins; id is a Redis "
+    "stream entry id, usable as Last-Event-ID",
     "properties": {
         "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
-        "event": {"enum": ["start", "chunk", "restart", "end", "error"]},
+        "event": {"enum": list(_EVENTS)},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": {
-                "oneOf": [
-                    {"$ref": _REF.format(name=n)} for n in ("Start", "Chunk", "Restart", "End", "Error")
-                ]
-            },
+            "contentSchema": {"oneOf": [{"$ref": _REF.format(name=n)} for n in _EVENT_TYPES]},
         },
     },
 }
@@ -142,8 +148,33 @@ def _ask() -> dict[str, Any]:
                     "Webhook mode: the result will be POSTed to webhook_url",
                     {**ok_headers, "Location": {"schema": _STR}},
                 ),
-                **_errors(400, 401, 403, 404, 413, 422, 502, 504, headers=RATE_HEADERS),
+                **_errors(400, 401, 403, 404, 409, 413, 422, 502, 504, headers=RATE_HEADERS),
                 **_errors(429, 503, headers=RATE_HEADERS),
+            },
+        }
+    }
+
+
+def _resume() -> dict[str, Any]:
+    headers = {
+        "X-Request-ID": {"description": "The continuation's request id", "schema": _STR},
+        "X-Thread-ID": {"schema": _STR},
+        "X-Resumed-From": {"description": "The paused request", "schema": _STR},
+    }
+    return {
+        "post": {
+            "operationId": "resumeRequest",
+            "summary": "Approve or deny the tool call a paused run waits for; the run goes on",
+            "parameters": [
+                {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("ResumeBody")}},
+            },
+            "responses": {
+                "200": _answer("The rest of the run (JSON), or its event stream", headers),
+                **_errors(400, 401, 403, 404, 409, 413, 499, 502, 503, 504),
             },
         }
     }
@@ -173,7 +204,7 @@ def _get_request() -> dict[str, Any]:
                     "description": "SSE only: Last-Event-ID is at or past the final event; do not reconnect",
                     "headers": {"X-Request-ID": {"schema": _STR}},
                 },
-                **_errors(400, 401, 403, 404, 499, 502, 503, 504),
+                **_errors(400, 401, 403, 404, 409, 499, 502, 503, 504),
             },
         }
     }
@@ -212,6 +243,7 @@ def _paths() -> dict[str, Any]:
     return {
         "/v1/ask/{pool}": _ask(),
         "/v1/requests/{request_id}": _get_request(),
+        "/v1/requests/{request_id}/resume": _resume(),
         "/v1/keys": _admin("listKeys", "get", "KeyList", "The tenant's API keys"),
         "/v1/keys/{key_id}": _admin(
             "revokeKey", "delete", "Revoked", "Revoke one of the tenant's keys", 404, params=key_param

@@ -10,15 +10,17 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from broker.client import AgentPoolClient, Ticket
-from broker.streams import entry_order
+from broker.streams import REPLY_TTL_S, entry_order
 from gateway import admission
 from gateway.auth import owns, require
-from gateway.http import JSON, resume_after, wants_sse
-from gateway.schemas import Accepted, AskResponse
+from gateway.http import JSON, decode, read_body, resume_after, wants_sse
+from gateway.schemas import Accepted, AskResponse, PendingApproval, ResumeBody
 from gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
 from shared import metrics
-from shared.errors import NotFound, RequestFailed, status_for_code
-from shared.messages import FINAL_TYPES, End, Error
+from shared.errors import Interrupted, NotFound, RequestFailed, status_for_code
+from shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
+
+MAX_RESUME_BODY_BYTES = 8 * 1024
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -46,12 +48,40 @@ async def ask(request: Request) -> Response:
     if body.stream or wants_sse(request):
         entries = client.stream_raw(ticket, sub=sub, keepalive_s=KEEPALIVE_S)
         return _sse(client, ticket, entries, headers)
+    return await _json_answer(client, ticket, sub, headers)
+
+
+async def _json_answer(
+    client: AgentPoolClient, ticket: Ticket, sub: Any, headers: dict[str, str]
+) -> Response:
+    """The final event as one JSON body: the answer, or the pause waiting for approval."""
     try:
         end = await client.result(ticket, sub=sub)
     except RequestFailed as e:
         e.status = status_for_code(e.error_code)
         raise
+    except Interrupted as paused:
+        return JSON(_paused(paused.interrupt), headers=headers)
     return JSON(_answer(end), headers=headers)
+
+
+async def resume(request: Request) -> Response:
+    """A human's decision on a paused run: it continues on any replica of its pool."""
+    client = _client(request)
+    principal = await require(request, "ask")
+    rid = request.path_params["request_id"]
+    if not await owns(client, principal, rid):
+        raise NotFound(f"no request {rid!r} (unknown or expired)", error_code="REQUEST_NOT_FOUND")
+    body = decode(await read_body(request, MAX_RESUME_BODY_BYTES), ResumeBody)
+    sub, ticket = await client.resume_subscribed(
+        rid, approve=body.approve, reason=body.reason, tenant=principal.tenant
+    )
+    await client.redis.set(client.names.owner(ticket.request_id), principal.tenant, ex=REPLY_TTL_S)
+    headers = {"X-Request-ID": ticket.request_id, "X-Thread-ID": ticket.thread_id, "X-Resumed-From": rid}
+    if body.stream or wants_sse(request):
+        entries = client.stream_raw(ticket, sub=sub, keepalive_s=KEEPALIVE_S)
+        return _sse(client, ticket, entries, headers)
+    return await _json_answer(client, ticket, sub, headers)
 
 
 def _answer(end: End) -> AskResponse:
@@ -64,6 +94,25 @@ def _answer(end: End) -> AskResponse:
         timings=end.timings,
         created_at=end.created_at,
         attempt=end.attempt,
+        steps=end.steps,
+        resumed_from=end.resumed_from,
+    )
+
+
+def _paused(event: Interrupt) -> AskResponse:
+    return AskResponse(
+        request_id=event.request_id,
+        thread_id=event.thread_id,
+        agent_id=event.agent_id,
+        content=event.content,
+        usage=event.usage,
+        timings=Timings(),
+        created_at=event.created_at,
+        attempt=event.attempt,
+        status="interrupted",
+        steps=event.steps,
+        interrupt=PendingApproval(tool_call=event.tool_call),
+        resumed_from=event.resumed_from,
     )
 
 
@@ -100,6 +149,8 @@ async def get_request(request: Request) -> Response:
     for _id, fields in last:
         if fields[b"t"] == b"end":
             return JSON(_answer(msgspec.json.decode(fields[b"d"], type=End)))
+        if fields[b"t"] == b"interrupt":
+            return JSON(_paused(msgspec.json.decode(fields[b"d"], type=Interrupt)))
         if fields[b"t"] == b"error":
             err = msgspec.json.decode(fields[b"d"], type=Error)
             failed = RequestFailed(err.error, error_code=err.error_code, details={"request_id": rid})

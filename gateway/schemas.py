@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from gateway.keys import KeyInfo
-from shared.messages import Timings, Usage
+from shared.messages import StepEvent, Timings, ToolCall, Usage
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_CONTENT_CHARS = 10_000
@@ -28,7 +28,16 @@ class AskBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_url: WebhookUrl | None = None  # answer 202 now, POST the result there when done
 
 
+class PendingApproval(msgspec.Struct, kw_only=True):
+    """The tool call a paused run waits on: resume with POST /v1/requests/{request_id}/resume."""
+
+    tool_call: ToolCall
+
+
 class AskResponse(msgspec.Struct, kw_only=True):
+    """The answer; ``status: interrupted`` when the run paused for a human's approval (``interrupt``
+    names the tool call; ``content`` and ``steps`` are what ran before the pause)."""
+
     request_id: str
     thread_id: str
     agent_id: str
@@ -37,6 +46,18 @@ class AskResponse(msgspec.Struct, kw_only=True):
     timings: Timings
     created_at: float
     attempt: int = 1
+    status: Literal["completed", "interrupted"] = "completed"
+    steps: list[StepEvent] = []  # tool calls, tool results and custom steps, in order
+    interrupt: PendingApproval | None = None
+    resumed_from: str | None = None  # the paused request this run continued
+
+
+class ResumeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A human's decision on the tool call a paused run waits for."""
+
+    approve: bool
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""  # told to the model on a denial
+    stream: bool = False
 
 
 class ErrorBody(msgspec.Struct):
@@ -68,13 +89,15 @@ class WebhookPayload(msgspec.Struct, kw_only=True):
     request_id: str
     thread_id: str
     pool: str
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "interrupted"]
     agent_id: str | None = None
     content: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
     created_at: float | None = None
     error: WebhookError | None = None
+    steps: list[StepEvent] | None = None
+    interrupt: PendingApproval | None = None  # status interrupted: resume the request to go on
 
 
 class KeyList(msgspec.Struct, kw_only=True):

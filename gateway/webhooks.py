@@ -35,11 +35,11 @@ from redis.typing import EncodableT, FieldT
 
 from broker.client import AgentPoolClient
 from broker.redis_conn import REDIS_ERRORS
-from gateway.schemas import WebhookError, WebhookPayload
+from gateway.schemas import PendingApproval, WebhookError, WebhookPayload
 from gateway.urlcheck import check_webhook_url
 from shared.api_config import Webhooks
 from shared.errors import ConfigError, WebhookRefused
-from shared.messages import FINAL_TYPES, End, Error
+from shared.messages import FINAL_TYPES, End, Error, Interrupt
 from shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.webhooks")
@@ -78,6 +78,20 @@ def payload_for(request_id: str, thread_id: str, pool: str, kind: bytes, data: b
             usage=end.usage,
             timings=end.timings,
             created_at=end.created_at,
+            steps=end.steps,
+        )
+    elif kind == b"interrupt":
+        paused = msgspec.json.decode(data, type=Interrupt)
+        p = WebhookPayload(
+            request_id=request_id,
+            thread_id=thread_id,
+            pool=pool,
+            status="interrupted",
+            agent_id=paused.agent_id,
+            content=paused.content,
+            usage=paused.usage,
+            steps=paused.steps,
+            interrupt=PendingApproval(tool_call=paused.tool_call),
         )
     else:
         err = msgspec.json.decode(data, type=Error)
