@@ -86,6 +86,7 @@ class Worker:
         self._cancel_watch: asyncio.Task[None] | None = None
         self._rebuild: asyncio.Task[None] | None = None
         self._watched: dict[str, tuple[float, Callable[[], None]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._latency_sum_ms = 0.0
         self.ready = asyncio.Event()
         self.metrics = ReplicaMetrics(pool, deployment, self.provider_config.kind, self.agent_type.model)
@@ -190,10 +191,18 @@ class Worker:
                 await q.cancel(tag)
 
     def mark_unhealthy(self, why: str) -> None:
-        """Provider unusable (e.g. bad credentials): stop taking work, say why in heartbeats."""
+        """Provider or agent unusable (bad credentials, a factory that raised): stop taking work,
+        say why in the heartbeat at once."""
         self.info.status = "unhealthy"
         self.info.detail = why
-        asyncio.get_running_loop().create_task(self._stop_consuming())
+        task = asyncio.get_running_loop().create_task(self._unhealthy())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unhealthy(self) -> None:
+        await self._stop_consuming()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._beat()
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking work; finish what is in flight until the deadline; give back the rest."""

@@ -4,7 +4,7 @@ A :class:`Tool` is offered to the model as its :class:`~workers.providers.base.T
 with :meth:`Tool.call`, which returns the result text or raises :class:`ToolFailure` with an
 ``error_code``; the tool loop turns either into a ``tool_result``. A :class:`ToolSource` is
 something that must be connected before its tools exist (an MCP server): it is connected once per
-replica at warm-up and closed at shutdown, in the same task.
+replica at warm-up and closed at shutdown (from any task: an MCP session lives in a task of its own).
 """
 
 from __future__ import annotations
