@@ -1,0 +1,1 @@
+"""A SQL agent over a small shop database (SQLite, read-only)."""
