@@ -308,3 +308,28 @@ async def test_the_run_deadline_cancels_the_agent(make_system) -> None:
         await system.client.ask("a", '@nap {"seconds": 30}')
     assert caught.value.error_code == "RUN_TIMEOUT"
     await wait_until(lambda: agents_support.CANCELLED == ["nap"], 5, "the tool to see its cancel")
+
+
+@pytest.mark.parametrize("provider", ["oa", "an"])
+async def test_a_thread_with_tool_steps_goes_on_with_an_agent_without_tools(
+    make_system, fake_llm: Running, provider: str
+) -> None:
+    # Given a thread whose first turn ran a tool
+    tools: System = await make_system(
+        pools('tools = ["tests.agents_support:lookup_order"]', provider=provider, url=fake_llm.url)
+    )
+    await tools.client.ask("a", '@lookup_order {"order_id": "A-1"}', thread_id="mixed")
+    # When a pool whose agent offers no tools answers the same thread
+    plain: System = await make_system(pools("", provider=provider, url=fake_llm.url, pool="b"))
+    end = await plain.client.ask("b", "and now?", thread_id="mixed")
+    # Then the model got the tool exchange as text (APIs refuse tool blocks when no tools are offered)
+    assert end.content.startswith("[2 earlier]"), end.content
+    async with httpx.AsyncClient(base_url=fake_llm.url) as http:
+        body = (await http.get("/_fake/stats")).json()["bodies"][
+            "openai" if provider == "oa" else "anthropic"
+        ][-1]
+    assert "tools" not in body
+    history = body["messages"][-3:]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]
+    assert all(isinstance(m["content"], str) for m in history), history
+    assert "[called lookup_order" in history[1]["content"] and "shipped" in history[1]["content"]

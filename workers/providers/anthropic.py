@@ -33,7 +33,16 @@ from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
 from shared.messages import Message, ToolCall, Usage
-from workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec, api_key, retry_after_s
+from workers.providers.base import (
+    Emit,
+    Prompt,
+    Provider,
+    Reply,
+    ToolSpec,
+    api_key,
+    flatten_tool_steps,
+    retry_after_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +93,9 @@ class AnthropicProvider(Provider):
         manager = self._sdk().messages.stream(
             model=self.model,
             system=prompt.system or anthropic.omit,
-            messages=list(_messages(prompt.messages)),
+            messages=list(
+                _messages(prompt.messages if prompt.tools else flatten_tool_steps(prompt.messages))
+            ),
             tools=[_tool(t) for t in prompt.tools] or anthropic.omit,
             max_tokens=self.agent_type.max_tokens,
             extra_headers=dict(extra_headers or {}),

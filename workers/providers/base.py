@@ -55,6 +55,35 @@ class Reply(msgspec.Struct, kw_only=True):
 Emit = Callable[[str], None]
 
 
+def flatten_tool_steps(messages: list[Message]) -> list[Message]:
+    """History for a call that offers no tools: each tool exchange folded, as text, into one
+    assistant turn with the answer that followed it. The APIs refuse tool blocks when no tools are
+    offered (Anthropic always), and a thread may have been answered before by an agent type that
+    had tools (an A/B split, a changed pool)."""
+    if not any(m.tool_calls or m.role == "tool" for m in messages):
+        return messages
+    out: list[Message] = []
+    for m in messages:
+        if m.role == "user":
+            out.append(m)
+            continue
+        if m.role == "tool":
+            text = f"[{m.name} {'error' if m.is_error else 'result'}: {m.content}]"
+        elif m.tool_calls:
+            calls = "; ".join(f"{c.name}({_JSON.encode(c.arguments).decode()})" for c in m.tool_calls)
+            text = f"{m.content}\n[called {calls}]" if m.content else f"[called {calls}]"
+        else:
+            text = m.content
+        if out and out[-1].role == "assistant":
+            out[-1] = Message("assistant", f"{out[-1].content}\n{text}", out[-1].request_id)
+        else:
+            out.append(Message("assistant", text, m.request_id))
+    return out
+
+
+_JSON = msgspec.json.Encoder()
+
+
 class Provider(abc.ABC):
     kind: str = ""
 

@@ -36,7 +36,16 @@ from shared.config import AgentType
 from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
 from shared.messages import Message, ToolCall, Usage
-from workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec, api_key, retry_after_s
+from workers.providers.base import (
+    Emit,
+    Prompt,
+    Provider,
+    Reply,
+    ToolSpec,
+    api_key,
+    flatten_tool_steps,
+    retry_after_s,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +206,9 @@ def _messages(prompt: Prompt) -> list[ChatCompletionMessageParam]:
     out: list[ChatCompletionMessageParam] = []
     if prompt.system:
         out.append(ChatCompletionSystemMessageParam(role="system", content=prompt.system))
-    out.extend(_message(m) for m in prompt.messages)
+    out.extend(
+        _message(m) for m in (prompt.messages if prompt.tools else flatten_tool_steps(prompt.messages))
+    )
     return out
 
 
