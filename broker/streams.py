@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis.asyncio as aredis
 
 from broker.redis_conn import REDIS_ERRORS, connect, translated
@@ -63,26 +64,28 @@ if h > 0 then hist = redis.call('LRANGE', KEYS[5], -h, -1) end
 return {n, hist}
 """
 
-# KEYS: done, reply, thread, run (paused state to write), waiting (the thread's mark), old run (to drop)
-# ARGV: 1 kind, 2 event, 3 done ttl, 4 reply ttl, 5 thread ttl, 6 thread max, 7 last chunk or '',
-#       8 paused state or '', 9 pool, 10 tenant, 11 thread id, 12 paused ttl, 13 waiting value to
-#       clear or '', 14.. thread turns
+# KEYS: done, reply, thread; with run options also: run (the paused state to write), waiting (the
+# thread's mark), old run (a paused state to drop). ARGV: 1 kind, 2 event, 3 done ttl, 4 reply ttl,
+# 5 thread ttl, 6 thread max, 7 last chunk or '', 8 run options or '' (JSON: pool, tenant,
+# thread id, paused ttl, the waiting mark to clear or ''), 9 the paused state or '', 10.. turns.
 _FINISH = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
 if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 't', 'chunk', 'd', ARGV[7]) end
 redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-if #ARGV > 13 then
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 14))
+if #ARGV > 9 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 10))
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
+if ARGV[8] == '' then return 1 end
+local o = cjson.decode(ARGV[8])
 if KEYS[6] ~= KEYS[1] then redis.call('DEL', KEYS[6]) end
-if ARGV[13] ~= '' and redis.call('GET', KEYS[5]) == ARGV[13] then redis.call('DEL', KEYS[5]) end
-if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[4], 'state', ARGV[8], 'pool', ARGV[9], 'tenant', ARGV[10], 'thread_id', ARGV[11])
-  redis.call('EXPIRE', KEYS[4], ARGV[12])
-  redis.call('SET', KEYS[5], cjson.decode(ARGV[2]).request_id, 'EX', ARGV[12])
+if o[5] ~= '' and redis.call('GET', KEYS[5]) == o[5] then redis.call('DEL', KEYS[5]) end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[4], 'state', ARGV[9], 'pool', o[1], 'tenant', o[2], 'thread_id', o[3])
+  redis.call('EXPIRE', KEYS[4], o[4])
+  redis.call('SET', KEYS[5], cjson.decode(ARGV[2]).request_id, 'EX', o[4])
 end
 return 1
 """
@@ -107,6 +110,8 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
+
+_OPTIONS = msgspec.json.Encoder()
 
 BEGIN_DONE = 0
 BEGIN_CANCELLED = -1
@@ -218,15 +223,20 @@ class ReplyStore:
         n = self.names
         kind = str(type(event).__struct_config__.tag)
         done = n.done(event.request_id)
-        res = await self._finish(
-            keys=[
-                done,
-                n.reply(event.request_id),
-                thread_key or done,
+        keys = [done, n.reply(event.request_id), thread_key or done]
+        options = state = b""
+        if paused is not None or resumed_from:
+            keys += [
                 n.run(event.request_id),
                 waiting_key or done,
                 n.run(resumed_from) if resumed_from else done,
-            ],
+            ]
+            clear = resumed_from if waiting_key and paused is None else ""
+            where = [paused.pool, paused.tenant, paused.thread_id] if paused else ["", "", ""]
+            options = _OPTIONS.encode([*where, PAUSED_TTL_S, clear])
+            state = paused.state if paused else b""
+        res = await self._finish(
+            keys=keys,
             args=[
                 kind,
                 EVENT_ENCODER.encode(event),
@@ -235,12 +245,8 @@ class ReplyStore:
                 THREAD_TTL_S,
                 THREAD_MAX_ENTRIES,
                 EVENT_ENCODER.encode(last_chunk) if last_chunk is not None else b"",
-                paused.state if paused else b"",
-                paused.pool if paused else "",
-                paused.tenant if paused else "",
-                paused.thread_id if paused else "",
-                PAUSED_TTL_S,
-                resumed_from if waiting_key and paused is None else "",
+                options,
+                state,
                 *turns,
             ],
         )

@@ -30,7 +30,8 @@ class ChunkWriter:
         self._attempt = attempt
         self.on_cancel = on_cancel  # called when a write finds the request cancelled
         self._pending: list[Pending] = []
-        self._parts: list[str] = []
+        self._events = 0  # step events among the pending items
+        self.parts: list[str] = []  # every piece of text emitted, in order
         self._wake = asyncio.Event()
         self._closing = False
         self._keep_tail = False
@@ -38,7 +39,7 @@ class ChunkWriter:
         self._task = asyncio.create_task(self._run(), name=f"chunks-{request_id}")
 
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self.parts)
 
     def emit(self, text: str) -> None:
         if not text:
@@ -46,13 +47,14 @@ class ChunkWriter:
         if self.first_at is None:
             self.first_at = time.monotonic()
         self._pending.append(text)
-        self._parts.append(text)
+        self.parts.append(text)
         self._wake.set()
 
     def event(self, event: StepEvent) -> None:
         """A step event, written after the text emitted before it."""
         event.attempt = self._attempt
         self._pending.append(event)
+        self._events += 1
         self._wake.set()
 
     async def _run(self) -> None:
@@ -72,6 +74,9 @@ class ChunkWriter:
     def _take(self, n: int) -> list[Event]:
         """The first ``n`` pending items as stream events, consecutive text joined into one chunk."""
         items, self._pending = self._pending[:n], self._pending[n:]
+        if not self._events:  # text only: the common case, one chunk
+            return [Chunk(text="".join(items), attempt=self._attempt)]  # type: ignore[arg-type]
+        self._events -= sum(not isinstance(item, str) for item in items)
         out: list[Event] = []
         text: list[str] = []
         for item in items:
@@ -103,10 +108,10 @@ class ChunkWriter:
         self._closing = self._keep_tail = True
         self._wake.set()
         await self._task
-        last_event = max((i for i, p in enumerate(self._pending) if not isinstance(p, str)), default=-1)
-        if last_event >= 0:
+        if self._events:
+            last_event = max(i for i, p in enumerate(self._pending) if not isinstance(p, str))
             await self._write(self._take(last_event + 1))
-        tail = "".join(p for p in self._pending if isinstance(p, str))
+        tail = "".join(self._pending)  # type: ignore[arg-type]  # text only by now
         self._pending.clear()
         return tail
 

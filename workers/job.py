@@ -72,21 +72,29 @@ PAUSED_DECODER = msgspec.msgpack.Decoder(PausedRun)
 
 
 class RunSink:
-    """The run's output: to the client (the chunk writer), the thread (a transcript), the steps."""
+    """The run's output: to the client (the chunk writer), the thread (a transcript), the steps.
+
+    Text goes straight to the writer (it is the per-token path); the transcript gets the text
+    written since the last step whenever a step comes, and at the end."""
 
     def __init__(self, writer: ChunkWriter, transcript: Transcript, steps: list[StepEvent]) -> None:
         self.writer = writer
         self.transcript = transcript
         self.steps = steps
-
-    def text(self, text: str) -> None:
-        self.writer.emit(text)
-        self.transcript.text(text)
+        self.text = writer.emit
+        self._mark = 0  # writer.parts up to here are in the transcript
 
     def event(self, event: StepEvent) -> None:
         self.writer.event(event)
+        self.flush_text()
         self.transcript.event(event)
         self.steps.append(event)
+
+    def flush_text(self) -> None:
+        parts = self.writer.parts
+        if len(parts) > self._mark:
+            self.transcript.text("".join(parts[self._mark :]))
+            self._mark = len(parts)
 
 
 @dataclass
@@ -283,6 +291,7 @@ def _content(run: Run) -> str:
 async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
     req, names = run.req, worker.names
     tail = await run.writer.close_tail()
+    run.sink.flush_text()
     first_id = run.paused.first_request_id if run.paused else req.request_id
     paused = PausedRun(
         request=run.paused.request if run.paused else req,
@@ -342,6 +351,7 @@ async def _end(worker: Worker, run: Run) -> Outcome:
         resumed_from=req.resume.request_id if req.resume else None,
     )
     marked = run.paused.first_request_id if run.paused else req.request_id
+    run.sink.flush_text()
     turns = [MESSAGE_ENCODER.encode(m) for m in run.sink.transcript.close(marked)]
     won = await worker.store.finish(
         end,

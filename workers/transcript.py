@@ -19,7 +19,8 @@ class Transcript:
         self._open_calls = False  # the last message is an assistant turn still taking tool calls
 
     def text(self, text: str) -> None:
-        self._text.append(text)
+        if text:
+            self._text.append(text)
 
     def event(self, event: StepEvent) -> None:
         if isinstance(event, ToolCall):
