@@ -78,6 +78,8 @@ def run_standby(settings: Settings, config: Config, drain_timeout_s: float = DRA
     kinds = sorted({p.kind for p in config.providers.values()})
     for kind in kinds:
         preload(kind)
+    if any(at.mcp_servers for at in config.agent_types.values()):
+        import workers.tools.mcp  # noqa: F401  # the mcp SDK, for a replica that connects servers
     log.debug("standby ready: the runtime and the %s providers are imported", ", ".join(kinds))
     line = sys.stdin.readline()
     if not line.strip():

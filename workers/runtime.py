@@ -155,6 +155,10 @@ class Worker:
             retry = isinstance(e, ToolSourceError) and e.retryable
             self._build_failed(str(e), retry)
             return "retry" if retry else "failed"
+        except Exception as e:  # a bug in agentpool or a library: still no crash loop
+            log.exception("replica %s: building the agent failed", self.replica_id)
+            self._build_failed(f"building the agent failed: {type(e).__name__}: {e}", False)
+            return "failed"
         self.info.build_ms = round((time.monotonic() - t0) * 1000, 3)
         self.metrics.built(self.info.build_ms)
         self.toolbox = self.agent.runner.ctx.toolbox
