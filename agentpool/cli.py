@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command]()
+    except BrokenPipeError:  # `agentpool status | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit is quiet
+        return EXIT_OK
     except ConfigError as e:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
