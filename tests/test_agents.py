@@ -333,3 +333,27 @@ async def test_a_thread_with_tool_steps_goes_on_with_an_agent_without_tools(
     assert [m["role"] for m in history] == ["user", "assistant", "user"]
     assert all(isinstance(m["content"], str) for m in history), history
     assert "[called lookup_order" in history[1]["content"] and "shipped" in history[1]["content"]
+
+
+async def test_the_http_answer_lists_the_steps_and_sse_carries_them(make_system) -> None:
+    from tests.conftest import running_gateway
+
+    system: System = await make_system(pools('tools = ["tests.agents_support:lookup_order"]'))
+    ask = {"content": '@lookup_order {"order_id": "B-2"}'}
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        answer = await http.post("/v1/ask/a", json=ask)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["status"] == "completed"
+        assert [s["type"] for s in body["steps"]] == ["tool_call", "tool_result"]
+        assert body["steps"][0]["arguments"] == {"order_id": "B-2"}
+        assert body["steps"][1]["content"] in body["content"]
+        async with http.stream("POST", "/v1/ask/a", json={**ask, "stream": True}) as sse:
+            names = [line[7:] async for line in sse.aiter_lines() if line.startswith("event: ")]
+        assert names[:3] == ["start", "tool_call", "tool_result"] and names[-1] == "end", names
+        # a broken tool call is still a 200 with an error result, never a 500
+        bad = await http.post("/v1/ask/a", json={"content": '@lookup_order {"order_id": "Z-9"}'})
+        assert bad.status_code == 200 and bad.json()["steps"][1]["error_code"] == "TOOL_ERROR"
