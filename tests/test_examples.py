@@ -22,6 +22,7 @@ from examples.sql_agent import agent as sql_agent
 from examples.sql_agent import make_db, tools
 from examples.team import agent as team_agent
 from shared.config import AgentType, Config, load_config, parse_config
+from shared.errors import Interrupted
 from shared.fake_model import input_tokens
 from shared.messages import Chunk, End, Event, Message, Request, Step, ToolCall, ToolResult
 from tests.conftest import System, wait_until
@@ -311,7 +312,7 @@ async def test_the_team_hands_each_task_to_a_specialist_and_sums_every_call(
 async def test_the_support_agent_looks_an_order_up_over_mcp(make_system: MakeSystem) -> None:
     system: System = await make_system(load_config(MCP))
     (worker,) = system.workers.values()
-    assert [t.name for t in worker.toolbox.tools.values()] == ["lookup_order"]
+    assert sorted(worker.toolbox.tools) == ["lookup_order", "refund_order"]
     # When the model calls the MCP server's tool
     events = await collect(system, "support-mcp", 'Where is my order? @lookup_order {"order_id": "A1001"}')
     call = next(e for e in events if isinstance(e, ToolCall))
@@ -326,3 +327,20 @@ async def test_the_support_agent_looks_an_order_up_over_mcp(make_system: MakeSys
     missing = tool_result(events, "lookup_order")
     assert missing.is_error and "no order with id 'Z9999'" in missing.content, missing
     assert missing.content in final(events).content
+
+
+async def test_a_refund_waits_for_a_human_and_goes_on_when_approved(make_system: MakeSystem) -> None:
+    from examples.mcp_support import refunds
+
+    system: System = await make_system(load_config(MCP))
+    refunds.REFUNDS.clear()
+    ask = 'Refund it please. @refund_order {"order_id": "A1001", "amount_cents": 1299}'
+    # When the model asks for the refund, the run pauses before the tool runs
+    with pytest.raises(Interrupted) as caught:
+        await system.client.ask("support-mcp", ask, thread_id="desk-1")
+    paused = caught.value.interrupt
+    assert paused.tool_call.name == "refund_order" and refunds.REFUNDS == []
+    # Then a human's approval runs it once, and the answer says so
+    end = await system.client.resume(paused.request_id, approve=True)
+    assert refunds.REFUNDS == [("A1001", 1299)]
+    assert "refunded 12.99 on order A1001" in end.content
