@@ -7,6 +7,7 @@ COPY broker ./broker
 COPY workers ./workers
 COPY gateway ./gateway
 COPY shared ./shared
+COPY examples ./examples
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 agentpool
 USER agentpool
 ENV AGENTPOOL_AMQP_URL=amqp://guest:guest@rabbitmq:5672/ \
