@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
+import pytest_asyncio
 import redis.asyncio as aredis
 
 from broker.client import AgentPoolClient
@@ -276,6 +278,46 @@ def subprocess_env(settings: Settings, config_path: Path) -> dict[str, str]:
         "AGENTPOOL_CONFIG": str(config_path),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+FAKE_KEY_ENV = "AGENTPOOL_TEST_FAKE_LLM_KEY"  # the variable make_provider's SDK providers read their key from
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def control(fake_llm: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on the module's fake LLM server (its ``fake_llm`` fixture), reset for this test."""
+    async with httpx.AsyncClient(base_url=fake_llm.url, timeout=5) as client:
+        (await client.post("/_fake/reset")).raise_for_status()
+        yield client
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def make_provider(
+    fake_llm: Any, control: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Any]]:
+    """Builds providers of a kind: the SDK ones aimed at the module's fake server (its key in
+    FAKE_KEY_ENV), ``fake`` in process; closes them after the test."""
+    from shared.config import AgentType
+    from shared.config import Provider as ProviderConfig
+    from workers.providers import build_provider
+
+    settings = fake_llm.fake.settings
+    monkeypatch.setenv(FAKE_KEY_ENV, settings.api_key)
+    made: list[Any] = []
+
+    def make(kind: str, *, base_url: str | None = None, key_env: str = FAKE_KEY_ENV, **agent: Any) -> Any:
+        if kind == "fake":
+            config = ProviderConfig(kind="fake", reply_tokens=settings.reply_tokens)
+        else:
+            url = base_url or (f"{fake_llm.url}/v1" if kind == "openai" else fake_llm.url)
+            config = ProviderConfig(kind=kind, base_url=url, api_key_env=key_env)  # type: ignore[arg-type]
+        provider = build_provider(config, AgentType(provider="fake-llm", model="fake-1", **agent))
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
 
 
 PYTHON = sys.executable

@@ -17,18 +17,15 @@ import pytest
 import pytest_asyncio
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
 from shared.errors import ProviderError
 from shared.fake_model import count_tokens, fake_tokens
 from shared.messages import Message, Usage
-from tests.conftest import free_port, wait_until
-from workers.providers import build_provider
+from tests.conftest import FAKE_KEY_ENV, free_port, wait_until
 from workers.providers.base import Prompt, Provider, Reply
 from workers.providers.retry import BACKOFF_CAP_S, backoff_s, generate_with_retries
 
 KEY = "sk-fake-test"
-KEY_ENV = "AGENTPOOL_TEST_FAKE_LLM_KEY"
+KEY_ENV = FAKE_KEY_ENV
 REPLY_TOKENS = 12
 SYSTEM = "You are terse."
 KINDS = ["openai", "anthropic"]
@@ -39,34 +36,6 @@ MakeProvider = Callable[..., Provider]
 async def fake_llm() -> AsyncIterator[Running]:
     async with running(FakeLLMSettings(api_key=KEY, reply_tokens=REPLY_TOKENS, retry_after_s=0.05)) as srv:
         yield srv
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def control(fake_llm: Running) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on the fake's ``/_fake`` API, with the fake reset for this test."""
-    async with httpx.AsyncClient(base_url=fake_llm.url, timeout=5) as client:
-        (await client.post("/_fake/reset")).raise_for_status()
-        yield client
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def make_provider(
-    fake_llm: Running, control: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[MakeProvider]:
-    """Builds providers aimed at the fake (the right key in the environment); closes them after."""
-    monkeypatch.setenv(KEY_ENV, KEY)
-    made: list[Provider] = []
-
-    def make(kind: str, *, base_url: str | None = None, key_env: str = KEY_ENV, **agent: Any) -> Provider:
-        url = base_url or (f"{fake_llm.url}/v1" if kind == "openai" else fake_llm.url)
-        config = ProviderConfig(kind=kind, base_url=url, api_key_env=key_env)  # type: ignore[arg-type]
-        provider = build_provider(config, AgentType(provider="fake-llm", model="fake-1", **agent))
-        made.append(provider)
-        return provider
-
-    yield make
-    for provider in made:
-        await provider.aclose()
 
 
 def prompt(*turns: str) -> Prompt:

@@ -18,17 +18,15 @@ import pytest
 import pytest_asyncio
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
 from shared.fake_model import TOKEN, fake_tokens, markers, respond
 from shared.messages import Message, ToolCall
-from workers.providers import build_provider
+from tests.conftest import FAKE_KEY_ENV
 from workers.providers.base import Prompt, Provider, Reply, ToolSpec
 from workers.providers.openai import RAW_ARGUMENTS_KEY, parse_arguments
 from workers.providers.retry import generate_with_retries
 
 KEY = "sk-fake-tools"
-KEY_ENV = "AGENTPOOL_TEST_FAKE_TOOLS_KEY"
+KEY_ENV = FAKE_KEY_ENV
 REPLY_TOKENS = 12
 SYSTEM = "You use tools."
 SDK_KINDS = ["openai", "anthropic"]
@@ -45,37 +43,6 @@ MakeProvider = Callable[..., Provider]
 async def fake_llm() -> AsyncIterator[Running]:
     async with running(FakeLLMSettings(api_key=KEY, reply_tokens=REPLY_TOKENS)) as srv:
         yield srv
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def control(fake_llm: Running) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on the fake server, reset for this test."""
-    async with httpx.AsyncClient(base_url=fake_llm.url, timeout=5) as client:
-        (await client.post("/_fake/reset")).raise_for_status()
-        yield client
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def make_provider(
-    fake_llm: Running, control: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[MakeProvider]:
-    """Builds providers of a kind: the SDK ones aimed at the fake server, ``fake`` in process."""
-    monkeypatch.setenv(KEY_ENV, KEY)
-    made: list[Provider] = []
-
-    def make(kind: str, **agent: Any) -> Provider:
-        if kind == "fake":
-            config = ProviderConfig(kind="fake", reply_tokens=REPLY_TOKENS)
-        else:
-            url = f"{fake_llm.url}/v1" if kind == "openai" else fake_llm.url
-            config = ProviderConfig(kind=kind, base_url=url, api_key_env=KEY_ENV)  # type: ignore[arg-type]
-        provider = build_provider(config, AgentType(provider="p", model="fake-1", **agent))
-        made.append(provider)
-        return provider
-
-    yield make
-    for provider in made:
-        await provider.aclose()
 
 
 async def ask(
