@@ -45,16 +45,16 @@ async def ask(request: Request) -> Response:
     if started.accepted:
         headers["Location"] = f"/v1/requests/{ticket.request_id}"
         return JSON(Accepted(request_id=ticket.request_id, thread_id=ticket.thread_id), 202, headers)
-    if body.stream or wants_sse(request):
+    return await _reply(client, ticket, sub, headers, body.stream or wants_sse(request))
+
+
+async def _reply(
+    client: AgentPoolClient, ticket: Ticket, sub: Any, headers: dict[str, str], stream: bool
+) -> Response:
+    """The reply as SSE, or its final event as one JSON body (the answer, or the pause)."""
+    if stream:
         entries = client.stream_raw(ticket, sub=sub, keepalive_s=KEEPALIVE_S)
         return _sse(client, ticket, entries, headers)
-    return await _json_answer(client, ticket, sub, headers)
-
-
-async def _json_answer(
-    client: AgentPoolClient, ticket: Ticket, sub: Any, headers: dict[str, str]
-) -> Response:
-    """The final event as one JSON body: the answer, or the pause waiting for approval."""
     try:
         end = await client.result(ticket, sub=sub)
     except RequestFailed as e:
@@ -78,10 +78,7 @@ async def resume(request: Request) -> Response:
     )
     await client.redis.set(client.names.owner(ticket.request_id), principal.tenant, ex=REPLY_TTL_S)
     headers = {"X-Request-ID": ticket.request_id, "X-Thread-ID": ticket.thread_id, "X-Resumed-From": rid}
-    if body.stream or wants_sse(request):
-        entries = client.stream_raw(ticket, sub=sub, keepalive_s=KEEPALIVE_S)
-        return _sse(client, ticket, entries, headers)
-    return await _json_answer(client, ticket, sub, headers)
+    return await _reply(client, ticket, sub, headers, body.stream or wants_sse(request))
 
 
 def _answer(end: End) -> AskResponse:
