@@ -58,6 +58,9 @@ class Transcript:
 def clean_history(messages: list[Message]) -> list[Message]:
     """History a model API accepts: it starts at a user message (a window of the thread may cut a
     tool exchange in two), and every tool call has its result and every result its call."""
+    text_only = not any(m.tool_calls or m.role == "tool" for m in messages)
+    if text_only and (not messages or messages[0].role == "user"):
+        return messages  # the common case
     start = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
     messages = messages[start:]
     answered = {m.tool_call_id for m in messages if m.role == "tool"}
