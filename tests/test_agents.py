@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
 from agentpool.status import render
@@ -67,6 +68,13 @@ async def collect(system: System, content: str, **kw: object) -> list[Event]:
     return [e async for e in system.client.stream(kw.pop("pool", "a"), content, **kw)]  # type: ignore[arg-type]
 
 
+def build_seconds() -> tuple[float, float]:
+    """agentpool_agent_build_seconds of pool a, deployment main: (count, sum)."""
+    labels = {"pool": "a", "deployment": "main"}
+    count = REGISTRY.get_sample_value("agentpool_agent_build_seconds_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("agentpool_agent_build_seconds_sum", labels) or 0.0
+
+
 def kinds(events: list[Event]) -> list[str]:
     out: list[str] = []
     for e in events:
@@ -93,6 +101,7 @@ async def test_python_factory_runs_once_per_replica_before_ready(make_system) ->
     # Given a python agent whose factory takes 3 s
     config = pools('kind = "python"\nfactory = "tests.agents_support:slow_build"\noptions = { build_s = 3 }')
     system: System = await make_system(config, start=False)
+    built_before = build_seconds()  # this process's registry: other tests' pools "a" count too
     t0 = time.monotonic()
     worker = await system.start_worker("a", "main", 1, wait=False)
     # While it builds, the replica heartbeats as starting and takes no work
@@ -102,8 +111,12 @@ async def test_python_factory_runs_once_per_replica_before_ready(make_system) ->
     assert time.monotonic() - t0 >= 3.0
     assert 2900 <= worker.info.build_ms <= 4500, worker.info.build_ms
     await system.wait_members("a")
-    status = await render(system.settings, system.config, "a")
+    status = await render(system.settings, system.config, "a")  # what `agentpool status a` prints
     assert "BUILD MS" in status and f"{worker.info.build_ms:.0f}" in status, status
+    pool = await system.client.fleet.status("a")  # what GET /v1/pools/a answers
+    assert [r.build_ms for r in pool.replicas] == [worker.info.build_ms]
+    count, total = build_seconds()
+    assert count == built_before[0] + 1 and 2.9 <= total - built_before[1] <= 4.5  # the metric
     # When 20 requests come, Then each is answered fast, by the agent built once
     for i in range(20):
         events = await collect(system, f"question {i}", thread_id="t-1")
