@@ -42,7 +42,7 @@ tools = ["tests.agents_support:lookup_order", "tests.agents_support:refund"]
 approval_required = ["refund"]
 
 [pools.desk]
-limits = {{ concurrency = 4, max_wait_s = 20 }}
+limits = {{ concurrency = 4, max_wait_s = {max_wait_s} }}
 
 [[pools.desk.deployments]]
 name = "main"
@@ -51,8 +51,8 @@ replicas = {replicas}
 """
 
 
-def config(url: str, replicas: int = 2) -> Config:
-    return parse_config(POOLS.format(url=url, replicas=replicas), "desk.toml")
+def config(url: str, replicas: int = 2, max_wait_s: float = 20) -> Config:
+    return parse_config(POOLS.format(url=url, replicas=replicas, max_wait_s=max_wait_s), "desk.toml")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -178,7 +178,7 @@ async def test_a_paused_run_survives_killing_every_process(
     calls = tmp_path / "calls.txt"
     os.environ["AGENTPOOL_TEST_CALLS"] = str(calls)
     path = tmp_path / "desk.toml"
-    path.write_text(POOLS.format(url=fake_llm.url, replicas=1))
+    path.write_text(POOLS.format(url=fake_llm.url, replicas=1, max_wait_s=20))
     cfg = config(fake_llm.url, replicas=1)
     sup = await spawn_supervisor(settings, path)
     client = AgentPoolClient(settings, cfg)
@@ -227,3 +227,21 @@ def test_the_interrupt_event_carries_the_tool_call() -> None:
     )
     back = EVENT_DECODER.decode(EVENT_ENCODER.encode(event))
     assert back == event
+
+
+async def test_a_continuation_no_replica_started_can_be_claimed_again(make_system, fake_llm: Running) -> None:
+    system: System = await make_system(config(fake_llm.url, replicas=1, max_wait_s=1))
+    with pytest.raises(Interrupted) as caught:
+        await system.client.ask("desk", REFUND)
+    rid = caught.value.interrupt.request_id
+    # When the approval comes while no replica runs, the continuation times out in the queue
+    await system.stop_worker("desk-main-1")
+    await system.wait_members("desk")
+    with pytest.raises(RequestFailed) as timed_out:
+        await system.client.resume(rid, approve=True)
+    assert timed_out.value.error_code == "QUEUE_TIMEOUT"
+    # Then the pause is still there: once a replica is back, the same decision goes through
+    await system.start_worker("desk", "main", 1)
+    await system.wait_members("desk")
+    end = await system.client.resume(rid, approve=True)
+    assert "refunded 5 on A-1" in end.content and agents_support.CALLS["refund"] == 1
