@@ -256,6 +256,7 @@ async def test_a_python_agent_can_run_the_built_in_loop(make_system) -> None:
         ('tools = ["tests.agents_support:missing_tool"]', "missing_tool"),
         ('tools = ["tests.agents_support:bad_signature"]', "cannot become a JSON schema"),
         ('tools = ["tests.agents_support:nap"]\napproval_required = ["nope"]', "approval_required"),
+        ('prompt_renderer = "tests.agents_support:no_renderer"', "prompt_renderer"),
     ],
 )
 async def test_a_bad_agent_leaves_the_replica_unhealthy_with_the_reason(

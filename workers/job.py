@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import msgspec
 
@@ -129,7 +129,7 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         redelivered=redelivered,
         traceparent=req.traceparent,
         waiting_key=names.waiting(req.tenant, req.thread_id),
-        resumes=req.resume.request_id if req.resume else "",
+        resumes=_resumed_from(req),
     )
     if status == BEGIN_DONE:
         return Outcome("duplicate")
@@ -257,7 +257,7 @@ async def _execute(worker: Worker, run: Run) -> Outcome:
 async def _agent(worker: Worker, run: Run) -> None:
     assert worker.agent is not None  # a replica consumes only once its agent is built
     runner = worker.agent.runner
-    async with asyncio.timeout(worker.agent_type.run_timeout_s):
+    async with asyncio.timeout(run.turn.remaining_s()):  # the deadline the agent sees in its turn
         if run.paused is None:
             await runner.run(run.turn, run.sink)
         else:
@@ -270,11 +270,7 @@ async def _fail(worker: Worker, run: Run, code: str, why: str, retryable: bool =
     """Steps and text sent so far stay on the stream; the error event ends it."""
     await run.writer.close()
     req = run.req
-    await worker.store.finish(
-        _error(req, code, why, run.attempt, retryable),
-        waiting_key=worker.names.waiting(req.tenant, req.thread_id) if req.resume else "",
-        resumed_from=req.resume.request_id if req.resume else "",
-    )
+    await worker.store.finish(_error(req, code, why, run.attempt, retryable), **_resume_ends(worker, req))
     return Outcome("error", code)
 
 
@@ -313,14 +309,14 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
         steps=paused.steps,
         created_at=req.created_at,
         attempt=run.attempt,
-        resumed_from=req.resume.request_id if req.resume else None,
+        resumed_from=_resumed_from(req) or None,
     )
     won = await worker.store.finish(
         event,
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
         paused=Paused(PAUSED_ENCODER.encode(paused), req.pool, req.tenant, req.thread_id),
         waiting_key=names.waiting(req.tenant, req.thread_id),
-        resumed_from=req.resume.request_id if req.resume else "",
+        resumed_from=_resumed_from(req),
     )
     return Outcome("interrupt" if won else "duplicate", latency_ms=_total_ms(req))
 
@@ -348,7 +344,7 @@ async def _end(worker: Worker, run: Run) -> Outcome:
         created_at=req.created_at,
         attempt=run.attempt,
         steps=run.sink.steps,
-        resumed_from=req.resume.request_id if req.resume else None,
+        resumed_from=_resumed_from(req) or None,
     )
     marked = run.paused.first_request_id if run.paused else req.request_id
     run.sink.flush_text()
@@ -358,13 +354,32 @@ async def _end(worker: Worker, run: Run) -> Outcome:
         thread_key=worker.names.thread(req.tenant, req.thread_id),
         turns=turns,
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
-        waiting_key=worker.names.waiting(req.tenant, req.thread_id) if req.resume else "",
-        resumed_from=req.resume.request_id if req.resume else "",
+        **_resume_ends(worker, req),
     )
     if won and cold_ms:
         await coldstart.record(worker, req.pool, cold_ms)
     extra: dict[str, object] = {"usage": usage, "timings": end.timings}  # for the metrics hook
     return Outcome("end" if won else "duplicate", latency_ms=end.timings.total_ms, extra=extra)
+
+
+def _resumed_from(req: Request) -> str:
+    """The paused request ``req`` continues, or ""."""
+    return req.resume.request_id if req.resume else ""
+
+
+class _Ends(TypedDict, total=False):
+    waiting_key: str
+    resumed_from: str
+
+
+def _resume_ends(worker: Worker, req: Request) -> _Ends:
+    """For ``finish`` of a run that ends: a continuation drops its paused state and the thread's mark."""
+    if req.resume is None:
+        return {}
+    return {
+        "waiting_key": worker.names.waiting(req.tenant, req.thread_id),
+        "resumed_from": req.resume.request_id,
+    }
 
 
 def _total_ms(req: Request) -> float:

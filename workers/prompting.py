@@ -7,13 +7,13 @@ see different orders).
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 
 from shared.config import AgentType
 from shared.errors import ConfigError
 from shared.messages import Message, Request
+from workers.imports import import_object
 from workers.providers.base import Prompt
 
 Renderer = Callable[[AgentType, Request, list[Message]], Prompt]
@@ -36,11 +36,7 @@ def load_renderer(path: str | None) -> Renderer:
     """Resolve ``module:function`` once at start; a bad path fails the replica loudly."""
     if not path:
         return default_renderer
-    module, _, name = path.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"prompt_renderer {path!r}: {e}") from None
+    fn = import_object(path, "prompt_renderer")
     if not callable(fn):
         raise ConfigError(f"prompt_renderer {path!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return fn

@@ -93,7 +93,6 @@ class Worker:
         self.on_outcome: Callable[[Outcome], None] | None = self.metrics.outcome  # metrics hook
         self.llm = LLM(self.provider, self.agent_type.retries, on_retry=self.metrics.retried)
         self.agent: OpenedAgent | None = None
-        self.toolbox = ToolBox([], timeout_s=self.agent_type.tool_timeout_s)
 
     # --- lifecycle
     async def async_run(self, stop: asyncio.Event, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -161,7 +160,6 @@ class Worker:
             return "failed"
         self.info.build_ms = round((time.monotonic() - t0) * 1000, 3)
         self.metrics.built(self.info.build_ms)
-        self.toolbox = self.agent.runner.ctx.toolbox
         if self.info.status == "unhealthy":
             self.info.status, self.info.detail = "starting", ""
         return "ok"
@@ -262,6 +260,12 @@ class Worker:
         raw = await self._channel.get_underlay_channel()
         ok = await raw.queue_declare(self.names.replica_queue(self.replica_id), passive=True)
         return int(ok.message_count or 0)
+
+    @property
+    def toolbox(self) -> ToolBox:
+        """The built agent's tools (a replica consumes only once its agent is built)."""
+        assert self.agent is not None, "the agent is not built yet"
+        return self.agent.runner.ctx.toolbox
 
     # --- cancellation of requests that write nothing for a while (a long tool call)
     def watch_cancel(self, request_id: str, cancel: Callable[[], None]) -> None:
