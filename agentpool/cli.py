@@ -1,7 +1,7 @@
 """The ``agentpool`` command. Each subcommand imports only the packages it needs.
 
 Exit codes: 0 ok, 2 bad usage or configuration, 3 a dependency (RabbitMQ/Redis) is unreachable,
-130 interrupted.
+4 a port to listen on is in use, 5 ``agentpool wait`` timed out, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
+EXIT_PORT_IN_USE = 4
+EXIT_TIMEOUT = 5
 EXIT_INTERRUPTED = 130
 _REQUIRED: Any = object()  # a worker option with no default (``--replica auto`` is None)
 
@@ -34,11 +36,21 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run workers for every deployment and the gateway, on this machine")
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument(
+        "--port", type=int, default=_env_port("AGENTPOOL_PORT", 8080), help="default $AGENTPOOL_PORT or 8080"
+    )
+    dev.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_port("AGENTPOOL_METRICS_PORT", 9464),
+        help="the workers' /metrics, summed (default $AGENTPOOL_METRICS_PORT or 9464; 0 = any free port)",
+    )
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--host", default="0.0.0.0")
-    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument(
+        "--port", type=int, default=_env_port("AGENTPOOL_PORT", 8080), help="default $AGENTPOOL_PORT or 8080"
+    )
 
     w = sub.add_parser("worker", help="run one warm replica")
     w.add_argument("--pool")
@@ -62,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     ws.add_argument(
         "--metrics-port",
         type=int,
-        default=9464,
-        help="one /metrics endpoint summing every worker (default 9464; 0 = any free port)",
+        default=_env_port("AGENTPOOL_METRICS_PORT", 9464),
+        help="one /metrics summing every worker (default $AGENTPOOL_METRICS_PORT or 9464; 0 = any free port)",
     )
     ws.add_argument(
         "--no-standby",
@@ -83,9 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="pools: desired vs ready replicas and health; or one pool's replicas")
     st.add_argument("pool", nargs="?")
 
+    wt = sub.add_parser("wait", help="wait until pools have their desired replicas ready (exit 5 on timeout)")
+    wt.add_argument("pool", nargs="*", help="these pools (default: every pool that wants replicas now)")
+    wt.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+
     sub.add_parser("check", help="probe RabbitMQ and Redis and the pools file; exit 0 if all are fine")
     keys_cmd.add_parser(sub)
     return p
+
+
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) > 65535:
+        print(f"agentpool: {name}: expected a port number, got {raw!r}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return int(raw)
 
 
 def _replica_arg(value: str) -> int | None:
@@ -127,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
 
             settings = replace(settings, config_path=args.config)
+        if args.command == "dev" and not os.environ.get("AGENTPOOL_AUTH"):
+            from dataclasses import replace
+
+            settings = replace(settings, auth="open")  # dev serves callers without a key, says so
         config = load_config(settings.config_path)
     except ConfigError as e:
         print(f"agentpool: {e.message}", file=sys.stderr)
@@ -136,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics.configure(settings.metrics)
     commands: dict[str, Callable[[], int]] = {
-        "dev": lambda: _dev(settings, config, args.host, args.port),
+        "dev": lambda: _dev(settings, config, args.host, args.port, args.metrics_port),
         "gateway": lambda: _gateway(settings, config, args.host, args.port),
         "worker": lambda: _worker(settings, config, args),
         "workers": lambda: _workers(settings, config, args.pool, args.metrics_port, args.standby),
         "scale": lambda: _scale(settings, config, args.pool, args.deployment, args.replicas),
         "check": lambda: _check(settings),
         "status": lambda: _status(settings, config, args.pool),
+        "wait": lambda: _wait(settings, config, args.pool, args.timeout),
         "keys": lambda: keys_cmd.run(settings, config, args),
     }
     try:
@@ -229,6 +260,16 @@ def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int
     )
 
 
+def _busy(host: str, port: int, flag: str) -> bool:
+    """Print why ``host:port`` cannot be listened on (and what to do), if it cannot."""
+    from agentpool import ports
+
+    problem = ports.in_use(host, port)
+    if problem is not None:
+        print(f"agentpool: {problem}; stop it, or pick another port with {flag}", file=sys.stderr)
+    return problem is not None
+
+
 def _workers(
     settings: Settings, config: Config, pools: list[str] | None, metrics_port: int | None, standby: bool
 ) -> int:
@@ -236,6 +277,9 @@ def _workers(
 
     from workers.main import install_stop_signals
     from workers.supervisor import Supervisor
+
+    if metrics_port and _busy("0.0.0.0", metrics_port, "--metrics-port"):
+        return EXIT_PORT_IN_USE
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -251,25 +295,36 @@ def _workers(
 def _gateway(settings: Settings, config: Config, host: str, port: int) -> int:
     from gateway.server import run_gateway
 
+    if _busy(host, port, "--port"):
+        return EXIT_PORT_IN_USE
     return run_gateway(settings, config, host, port)
 
 
-def _dev(settings: Settings, config: Config, host: str, port: int) -> int:
-    """Workers (supervised) and the gateway in one command; Ctrl-C stops all of it cleanly."""
+def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port: int) -> int:
+    """Workers (supervised) and the gateway in one command; Ctrl-C stops all of it cleanly.
+
+    Everything that could clash with a running instance is checked before anything is touched:
+    the ports first, then RabbitMQ and Redis. The dev key is this instance's own (another
+    instance's keeps working) and is revoked when it stops.
+    """
     import uvloop
 
     from gateway.server import server
+    from workers.fleet_metrics import FleetMetrics
     from workers.main import install_stop_signals
     from workers.supervisor import Supervisor
 
+    if _busy(host, port, "--port") or (metrics_port and _busy(host, metrics_port, "--metrics-port")):
+        return EXIT_PORT_IN_USE
     problems = asyncio.run(_probe(settings))
     if problems:
         for p in problems:
             print(f"agentpool: {p}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    key = asyncio.run(keys_cmd.dev_key(settings))
+    key_id, key = asyncio.run(keys_cmd.dev_key(settings))
+    print(asyncio.run(keys_cmd.auth_banner(settings, config)), flush=True)
     print(
-        "dev API key (tenant default, scopes ask+admin); requests without a key still work:\n"
+        f"dev API key (tenant default, scopes ask+admin; this instance's, revoked when it stops):\n"
         f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'",
         flush=True,
     )
@@ -277,17 +332,35 @@ def _dev(settings: Settings, config: Config, host: str, port: int) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        sup = Supervisor(settings, config, env={"AGENTPOOL_LOG_FORMAT": "text"})
+        sup = Supervisor(
+            settings,
+            config,
+            env={"AGENTPOOL_LOG_FORMAT": "text"},
+            metrics=FleetMetrics(metrics_port, addr=host),  # the workers' /metrics, on dev's host
+        )
         sup_task = asyncio.create_task(sup.async_run(stop))
         srv = server(settings, config, host, port, embedded=True)
         srv_task = asyncio.create_task(srv.serve())
+        watch = asyncio.create_task(keys_cmd.watch_auth(settings, config))
         await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
+        watch.cancel()
         srv.should_exit = True
         await srv_task
         await sup_task
 
-    uvloop.run(run())
+    try:
+        uvloop.run(run())
+    finally:
+        asyncio.run(keys_cmd.revoke_dev_key(settings, key_id))
     return EXIT_OK
+
+
+def _wait(settings: Settings, config: Config, pools: list[str], timeout_s: float) -> int:
+    from agentpool.status import wait_ready
+
+    ok, lines = asyncio.run(wait_ready(settings, config, pools, timeout_s))
+    print("\n".join(lines))
+    return EXIT_OK if ok else EXIT_TIMEOUT
 
 
 def _scale(settings: Settings, config: Config, pool: str, deployment: str, replicas: int) -> int:

@@ -105,10 +105,77 @@ async def _revoke(settings: Any, config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def dev_key(settings: Any) -> str:
-    """A fresh key for tenant default with both scopes; replaces the previous dev key.
+async def dev_key(settings: Any) -> tuple[str, str]:
+    """A fresh key for tenant default with both scopes -> ``(key id, key)``; this instance's own.
 
-    Dev keys do not turn auth on: ``agentpool dev`` stays open for requests without a key.
+    Another ``agentpool dev`` in the namespace keeps its key: each revokes its own when it stops.
+    Dev keys do not turn auth on (see :func:`auth_banner`).
     """
-    _info, key = await _with_store(settings, lambda s: s.create("default", ["ask", "admin"], dev=True))
-    return str(key)
+    info, key = await _with_store(settings, lambda s: s.create("default", ["ask", "admin"], dev=True))
+    return info.id, str(key)
+
+
+async def revoke_dev_key(settings: Any, key_id: str) -> None:
+    from shared.errors import Unavailable
+
+    try:
+        await _with_store(settings, lambda s: s.revoke(key_id))
+    except Unavailable:  # Redis gone at exit: the key dies with its data, or stays listed as `dev`
+        pass
+
+
+async def auth_banner(settings: Any, config: Any) -> str:
+    """One line: does this gateway serve callers without a key, and why (or why not)."""
+    enforced = await _with_store(settings, lambda s: s.enforced())
+    return auth_state(settings, config, enforced)
+
+
+def auth_state(settings: Any, config: Any, enforced: bool) -> str:
+    ns = settings.namespace
+    if settings.auth == "open":
+        tail = (
+            f"; keys exist in namespace {ns!r}, so `agentpool gateway` there requires one"
+            if enforced or config.api_keys
+            else ""
+        )
+        return (
+            "auth: open (agentpool dev; AGENTPOOL_AUTH=required or auto to change): requests without "
+            f"a key run as tenant default with every scope, a key that is sent is checked{tail}"
+        )
+    if settings.auth == "required":
+        return "auth: required (AGENTPOOL_AUTH=required): every request needs a key"
+    if config.api_keys:
+        return "auth: required (the pools file has [[api_keys]]): every request needs a key"
+    if enforced:
+        return (
+            f"auth: required (a key was created in namespace {ns!r} with `agentpool keys create`): "
+            "every request needs a key; the dev key below works"
+        )
+    return "auth: open until a key is created with `agentpool keys create` (AGENTPOOL_AUTH=auto)"
+
+
+async def watch_auth(settings: Any, config: Any) -> None:
+    """Under ``agentpool dev``: say so the moment a created key changes who gets in (polled each second)."""
+    import logging
+
+    from broker.redis_conn import REDIS_ERRORS, connect
+    from gateway.keys import KeyStore
+    from shared.names import Names
+
+    log = logging.getLogger("agentpool.dev")
+    r = connect(settings.redis_url)
+    store = KeyStore(r, Names(settings.namespace))
+    was: bool | None = None
+    try:
+        while True:
+            now: bool | None
+            try:
+                now = await store.enforced()
+            except REDIS_ERRORS:
+                now = was
+            if was is False and now:
+                log.warning("a key was created; %s", auth_state(settings, config, True))
+            was = now
+            await asyncio.sleep(1.0)
+    finally:
+        await r.aclose()

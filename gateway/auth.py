@@ -2,11 +2,13 @@
 
 Keys come as ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``. A key that is sent is always
 checked (bad or revoked -> 401), in every mode. A request *without* a key is let in as tenant
-``default`` with every scope only while the gateway runs open, which is when all of these hold:
-``AGENTPOOL_AUTH`` is not ``required``, the pools file has no ``[[api_keys]]``, and no non-dev key
-was ever created in this namespace (dev keys made by ``agentpool dev`` do not count). The last
-fact is read from Redis at most once a second, so a first ``agentpool keys create`` closes the
-gateway within a second, and revoking every key afterwards does not open it again.
+``default`` with every scope only while the gateway runs open: always with ``AGENTPOOL_AUTH=open``
+(what ``agentpool dev`` runs with unless the variable is set), never with ``required``, and with
+``auto`` while the pools file has no ``[[api_keys]]`` and no non-dev key was ever created in this
+namespace (dev keys made by ``agentpool dev`` do not count). The last fact is read from Redis at
+most once a second, so a first ``agentpool keys create`` closes the gateway within a second, and
+revoking every key afterwards does not open it again. The 401 for a missing key says which rule
+applied.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class Authenticator:
         ]
 
     async def is_open(self) -> bool:
+        if self.mode == "open":
+            return True
         if self.mode == "required" or self.config_keys or self._enforced:
             return False
         if time.monotonic() - self._checked_at >= MODE_CACHE_S:
@@ -115,11 +119,20 @@ class Authenticator:
         if key is None:
             if await self.is_open():
                 return ANONYMOUS
-            raise Unauthorized("an API key is required: send X-API-Key or Authorization: Bearer")
+            raise Unauthorized(
+                f"an API key is required ({self.why_closed()}): send X-API-Key or Authorization: Bearer"
+            )
         found = await self._lookup(key) if 0 < len(key) <= MAX_KEY_CHARS else None
         if found is None:  # never echo the key: it may be a real key with a typo
             raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
         return found
+
+    def why_closed(self) -> str:
+        if self.mode == "required":
+            return "AGENTPOOL_AUTH=required"
+        if self.config_keys:
+            return "the pools file has [[api_keys]]"
+        return f"keys were created in namespace {self.store.names.ns!r} with `agentpool keys create`"
 
     async def _lookup(self, key: str) -> Principal | None:
         digest = sha256_hex(key)

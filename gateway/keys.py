@@ -85,10 +85,6 @@ class KeyStore:
     ) -> tuple[KeyInfo, str]:
         """A new key -> (its info, the plain key, to show once). A non-dev key turns auth on."""
         check_grant(tenant, scopes)
-        if dev:  # one dev key at a time: `agentpool dev` replaces the previous one
-            for old in await self.list():
-                if old.source == "dev":
-                    await self.revoke(old.id)
         key_id, key = new_key()
         info = KeyInfo(
             id=key_id,
