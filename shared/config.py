@@ -6,6 +6,7 @@ A bad file fails loudly with one message naming the file, the field and the prob
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,6 +20,10 @@ Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 EXAMPLE_CONFIG = Path(__file__).with_name("pools.example.toml")
+PROMPT_VARIABLE = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")  # ``{PRODUCT}`` in a system prompt
+# Sampling parameters each provider kind can send; the Anthropic API version the SDK speaks
+# (2026-10-21) refuses temperature and top_p, so an agent type on it may not set them.
+SAMPLING = {"fake": ("temperature", "top_p"), "openai": ("temperature", "top_p"), "anthropic": ()}
 
 
 class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -63,15 +68,27 @@ class AgentType(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tool_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0  # per tool call, unless the tool says
     run_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0  # one request's whole run (its deadline)
     system_prompt: str = "You are a helpful assistant."
+    # defaults of the system prompt's {VARS}; a request's context_variables override them, and a
+    # variable with neither is refused (400 CONTEXT_VARIABLE_MISSING) before the request is queued
+    variables: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]*$")], str] = {}
     provider: str
     model: str = "fake-1"
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    # None: not sent (the model's default); refused at load for a provider that cannot take it
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     max_tokens: PositiveInt = 1024
     timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 2
     prompt_renderer: str | None = None  # "package.module:function"
     history_turns: Annotated[int, msgspec.Meta(ge=0)] = 50
+
+    def missing_variables(self, given: dict[str, str]) -> list[str]:
+        """The system prompt's ``{VARS}`` that neither ``given`` nor ``variables`` fills (the
+        built-in renderer's; a ``prompt_renderer`` of your own takes care of its own)."""
+        if self.prompt_renderer is not None:
+            return []
+        names = dict.fromkeys(PROMPT_VARIABLE.findall(self.system_prompt))
+        return [n for n in names if n not in given and n not in self.variables]
 
 
 class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -130,6 +147,14 @@ def _check(config: Config) -> list[str]:
     for name, at in config.agent_types.items():
         if at.provider not in config.providers:
             problems.append(f"agent_types.{name}.provider: unknown provider {at.provider!r}")
+        else:
+            kind = config.providers[at.provider].kind
+            for param in ("temperature", "top_p"):
+                if getattr(at, param) is not None and param not in SAMPLING[kind]:
+                    problems.append(
+                        f"agent_types.{name}.{param}: the {kind} provider cannot take it (its API "
+                        "refuses sampling parameters); remove it to use the model's default"
+                    )
         if at.prompt_renderer is not None and ":" not in at.prompt_renderer:
             problems.append(f"agent_types.{name}.prompt_renderer: expected 'module:function'")
         problems += _check_agent(f"agent_types.{name}", at)

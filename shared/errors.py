@@ -2,7 +2,7 @@
 
     AgentPoolError                      500 INTERNAL
     ├── ConfigError                     (start-up only: bad pools file or settings)
-    ├── BadRequest                      400 BAD_REQUEST / INVALID_JSON / VALIDATION_ERROR
+    ├── BadRequest                      400 BAD_REQUEST / INVALID_JSON / VALIDATION_ERROR / CONTEXT_VARIABLE_*
     │   ├── PayloadTooLarge             413 PAYLOAD_TOO_LARGE
     │   └── WebhookRefused              400 WEBHOOK_URL_REFUSED
     ├── Unauthorized                    401 INVALID_API_KEY

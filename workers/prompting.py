@@ -7,27 +7,26 @@ see different orders).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
-from shared.config import AgentType
+from shared.config import PROMPT_VARIABLE, AgentType
 from shared.errors import ConfigError
 from shared.messages import Message, Request
 from workers.imports import import_object
 from workers.providers.base import Prompt
 
 Renderer = Callable[[AgentType, Request, list[Message]], Prompt]
-_VAR = re.compile(r"\{([A-Z][A-Z0-9_]*)\}")
 
 
 def substitute(template: str, variables: dict[str, str]) -> str:
-    """Replace ``{NAME}`` with ``variables[NAME]``; unknown names stay as written."""
-    return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
+    """Replace ``{NAME}`` with ``variables[NAME]``; unknown names stay as written (the client
+    refuses a request that leaves one unfilled, see ``AgentType.missing_variables``)."""
+    return PROMPT_VARIABLE.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
 
 
 def default_renderer(agent_type: AgentType, request: Request, history: list[Message]) -> Prompt:
     return Prompt(
-        system=substitute(agent_type.system_prompt, request.context_variables),
+        system=substitute(agent_type.system_prompt, {**agent_type.variables, **request.context_variables}),
         messages=[*history, Message("user", request.content)],
     )
 

@@ -6,7 +6,8 @@ assistant message's tool calls follow its text as ``tool_use`` blocks, and conse
 go back as one user message of ``tool_result`` blocks, as the API wants them. SDK
 retries are off because retrying is the caller's call (:mod:`workers.providers.retry`), made only
 while nothing was emitted. SDK 2.x speaks API version 2026-10-21, which refuses sampling
-parameters, so the agent type's ``temperature`` and ``top_p`` are not sent to this provider.
+parameters, so an agent type on this provider that sets ``temperature`` or ``top_p`` is refused
+when the pools file loads (``shared.config.SAMPLING``), never silently dropped.
 """
 
 from __future__ import annotations

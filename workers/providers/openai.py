@@ -99,8 +99,8 @@ class OpenAIProvider(Provider):
             model=self.model,
             messages=_messages(prompt),
             tools=[_tool(t) for t in prompt.tools] or openai.omit,
-            temperature=self.agent_type.temperature,
-            top_p=self.agent_type.top_p,
+            temperature=_given(self.agent_type.temperature),
+            top_p=_given(self.agent_type.top_p),
             max_completion_tokens=self.agent_type.max_tokens,
             stream=True,
             stream_options={"include_usage": True},
@@ -166,6 +166,11 @@ class _Reading:
             usage=usage,
             stop_reason=_stop_reason(self.finish, calls),
         )
+
+
+def _given(value: float | None) -> float | openai.Omit:
+    """An agent type's sampling parameter, or not sent at all (the model's default)."""
+    return openai.omit if value is None else value
 
 
 def _stop_reason(finish: str, calls: list[ToolCall]) -> Literal["end", "tool_calls", "max_tokens"]:
