@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -60,11 +61,17 @@ def decode(body: bytes, type_: type[T]) -> T:
 
 
 def _where(message: str) -> dict[str, str]:
-    _, sep, path = message.partition(" - at `")
-    if not sep:
-        return {}
+    """The field a msgspec error is about, as a dotted path: ``context_variables``, ``a.b``."""
+    text, sep, path = message.partition(" - at `")
+    where = path.rstrip("`").removeprefix("key` in `").removeprefix("$").lstrip(".") if sep else ""
     # msgspec names a bad mapping key as "`key` in `$.context_variables`": name the mapping
-    return {"field": path.rstrip("`").removeprefix("key` in `").removeprefix("$.")}
+    unknown = _UNKNOWN.search(text)
+    if unknown:  # "Object contains unknown field `x`": the field is x, inside `where`
+        where = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+    return {"field": where} if where else {}
+
+
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
 def wants_sse(request: Request) -> bool:
