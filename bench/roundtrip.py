@@ -255,8 +255,10 @@ def run_once(args, conc: int) -> dict[str, float]:
         uvloop.run(cleanup(env))
 
 
-def run_floor(concs: list[int], repeat: int) -> dict[int, dict[str, float]]:
-    floor = ROOT.parent / "shared" / "bench" / "floor.py"
+DEFAULT_FLOOR = ROOT.parent / "shared" / "bench" / "floor.py"  # the team's shared bench kit
+
+
+def run_floor(floor: Path, concs: list[int], repeat: int) -> dict[int, dict[str, float]]:
     out = Path(tempfile.mkdtemp()) / "floor.json"
     subprocess.run(
         [sys.executable, str(floor), "--only", "c", "--repeat", str(repeat), "--json", str(out)],
@@ -287,8 +289,19 @@ def main() -> None:
     ap.add_argument("--worker-concurrency", type=int, default=16, help="prefetch per replica (floor uses 16)")
     ap.add_argument("--ttft-ms", type=float, default=0)
     ap.add_argument("--floor", action="store_true", help="also run floor.py scenario c, same invocation")
+    ap.add_argument(
+        "--floor-path",
+        type=Path,
+        default=Path(os.environ.get("AGENTPOOL_FLOOR", DEFAULT_FLOOR)),
+        help=f"floor.py, the same round trip with no framework (default $AGENTPOOL_FLOOR or {DEFAULT_FLOOR})",
+    )
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
+    if args.floor and not args.floor_path.is_file():  # say so before minutes of runs, not after
+        ap.error(
+            f"--floor runs floor.py (the no-framework round trip of the shared bench kit, not in this "
+            f"repo), and there is none at {args.floor_path}; pass --floor-path or set AGENTPOOL_FLOOR"
+        )
 
     rows = []
     for conc in args.conc:
@@ -297,7 +310,7 @@ def main() -> None:
         med["rps_min"], med["rps_max"] = min(r["rps"] for r in runs), max(r["rps"] for r in runs)
         rows.append(med)
         print(f"[{args.via}] c={conc}: " + json.dumps({k: round(v, 2) for k, v in med.items()}), flush=True)
-    floor = run_floor(args.conc, args.repeat) if args.floor else {}
+    floor = run_floor(args.floor_path, args.conc, args.repeat) if args.floor else {}
     print(
         f"\nagentpool via {args.via}, fake model ttft={args.ttft_ms} ms, {args.replicas} replica(s), "
         f"medians of {args.repeat} runs"

@@ -1,6 +1,6 @@
 """Routing: weighted rendezvous hashing of ``thread_id`` over live replicas, in tiers.
 
-Tiers (DESIGN.md, "The way a request travels"): the thread's sticky replica while its depth is
+Tiers (README.md, "Architecture in a few lines"): the thread's sticky replica while its depth is
 below ``sticky_depth``; else the next replicas in the thread's own hash order below
 ``sticky_depth`` (``spill``); else any replica below ``max_depth``, least loaded first
 (``overflow``); else the pool is saturated (503). Every router computes the same order from the
