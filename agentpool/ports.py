@@ -65,7 +65,10 @@ def _command(proc: Path) -> str:
     except OSError:
         return "?"
     words = [Path(argv[0].decode(errors="replace")).name] + [a.decode(errors="replace") for a in argv[1:]]
-    if len(words) > 1 and words[0].startswith("python") and words[1].endswith("agentpool"):
-        words = ["agentpool", *words[2:]]  # `python .venv/bin/agentpool dev` reads as the user typed it
+    if words[0].startswith("python"):  # `python .venv/bin/agentpool dev` reads as the user typed it
+        if len(words) > 1 and words[1].endswith("agentpool"):
+            words = ["agentpool", *words[2:]]
+        elif words[1:3] == ["-m", "agentpool"]:
+            words = ["agentpool", *words[3:]]
     text = " ".join(words)
     return text if len(text) <= 80 else text[:77] + "..."
