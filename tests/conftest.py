@@ -88,6 +88,7 @@ reply_tokens = {reply_tokens}
 
 [agent_types.echo]
 system_prompt = "You are a test agent for {{PRODUCT}}."
+variables = {{ PRODUCT = "tests" }}
 provider = "fake"
 retries = 1
 

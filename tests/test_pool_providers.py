@@ -119,7 +119,9 @@ async def test_bad_key_marks_the_replica_unhealthy_and_it_gets_no_traffic(make_s
 
         await wait_until(only_healthy_routed, 10, "routing membership = the healthy replica only")
         for i in range(6):
-            reply = await system.client.ask("mix", "hi", thread_id=f"t-{i}")
+            reply = await system.client.ask(
+                "mix", "hi", thread_id=f"t-{i}", context_variables={"PRODUCT": "agentpool"}
+            )
             assert reply.agent_id == "mix-oa-1"
 
 
