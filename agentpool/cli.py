@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(fake_llm.main(args.args) or 0)
 
     from shared.config import load_config
-    from shared.errors import ConfigError, Unavailable
+    from shared.errors import AgentPoolError, ConfigError, Unavailable
     from shared.logs import setup_logging
     from shared.settings import Settings
 
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as e:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except AgentPoolError as e:  # e.g. `agentpool status nosuch`: the API's answer, as one line
+        print(f"agentpool: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

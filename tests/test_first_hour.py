@@ -8,7 +8,6 @@ unhealthy replica in ``agentpool status``, a sampling parameter the provider can
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -281,16 +280,43 @@ async def test_an_unknown_field_is_named(make_system, settings: Settings) -> Non
     assert "unknown field `thread`" in typo.json()["error"]
 
 
-def test_the_env_port_defaults_are_checked() -> None:
-    bad = subprocess.run(
-        [PYTHON, "-m", "agentpool", "status"],
-        env={**os.environ, "AGENTPOOL_PORT": "80x"},
+@pytest.mark.parametrize(
+    ("args", "env", "code", "message"),
+    [
+        (
+            ["status"],
+            {"AGENTPOOL_PORT": "80x"},
+            2,
+            "agentpool: AGENTPOOL_PORT: expected a port number, got '80x'",
+        ),
+        (["status", "nosuch"], {}, 2, "agentpool: no pool named 'nosuch'"),
+        (["wait", "nosuch"], {}, 2, "agentpool: no pool named 'nosuch'"),
+        (["scale", "p", "nope", "2"], {}, 2, "agentpool: no deployment 'nope' in pool 'p'"),
+        (
+            ["status"],
+            {"AGENTPOOL_CONFIG": "/nonexistent.toml"},
+            2,
+            "agentpool: /nonexistent.toml: cannot read",
+        ),
+        (
+            ["status"],
+            {"AGENTPOOL_REDIS_URL": "redis://127.0.0.1:1/0"},
+            3,
+            "agentpool: Redis is not reachable",
+        ),
+    ],
+)
+def test_a_command_that_cannot_work_says_why_in_one_line(
+    settings: Settings, tmp_path: Path, args: list[str], env: dict[str, str], code: int, message: str
+) -> None:
+    path, _ = pools_file(tmp_path)
+    proc = subprocess.run(
+        [PYTHON, "-m", "agentpool", *args],
+        env={**subprocess_env(settings, path), **env},
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert (
-        bad.returncode == 2
-        and bad.stderr.strip() == "agentpool: AGENTPOOL_PORT: expected a port number, got '80x'"
-    )
+    assert proc.returncode == code, proc
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
