@@ -1,10 +1,11 @@
 """A robust RabbitMQ connection with a small pool of confirming channels.
 
 aio-pika errors are translated here, once: callers see :class:`QueueFull` (the broker nacked:
-the queue is at its ``x-max-length``), or :class:`shared.errors.Unavailable` with
-``BROKER_UNAVAILABLE`` (no connection, channel lost, unroutable). A publish whose connection
-was lost has an unknown outcome; the router may retry it elsewhere, and workers dedupe by
-``request_id``.
+the queue is at its ``x-max-length``), :class:`QueueGone` (the message came back unroutable: no
+such queue, e.g. a replica that drained and deleted its queue), or
+:class:`shared.errors.Unavailable` with ``BROKER_UNAVAILABLE`` (no connection, channel lost). A
+publish whose connection was lost has an unknown outcome; the router may retry it elsewhere, and
+workers dedupe by ``request_id``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ CLOSE_TIMEOUT_S = 5.0  # aiormq waits for Close-Ok and the socket without a boun
 
 class QueueFull(Exception):
     """The broker refused the message: the queue is at its length limit (reject-publish)."""
+
+
+class QueueGone(Unavailable):
+    """The broker returned the message: no queue of that name (a replica's queue is deleted when
+    the replica drains). An :class:`Unavailable` for callers that do not tell the two apart."""
 
 
 def broker_unavailable(url: str, exc: BaseException | None = None) -> Unavailable:
@@ -106,12 +112,12 @@ class Amqp:
             await channel.default_exchange.publish(
                 message, routing_key=queue, mandatory=True, timeout=PUBLISH_TIMEOUT_S
             )
-        except aio_pika.exceptions.DeliveryError as e:
-            raise QueueFull(queue) from e
-        except aio_pika.exceptions.PublishError as e:  # returned: no such queue
-            raise Unavailable(
+        except aio_pika.exceptions.PublishError as e:  # returned: no such queue (first: a DeliveryError too)
+            raise QueueGone(
                 f"queue {queue} does not exist", error_code="BROKER_UNAVAILABLE", retry_after_s=1
             ) from e
+        except aio_pika.exceptions.DeliveryError as e:  # nacked: reject-publish at x-max-length
+            raise QueueFull(queue) from e
         except (
             aiormq.exceptions.AMQPError,
             aio_pika.exceptions.AMQPError,

@@ -24,7 +24,7 @@ from types import TracebackType
 import msgspec
 
 from broker import tenants, topology
-from broker.amqp import Amqp, QueueFull
+from broker.amqp import Amqp, QueueFull, QueueGone
 from broker.fleet import Activity, Fleet
 from broker.redis_conn import REDIS_ERRORS, connect, translated
 from broker.registry import Registry
@@ -122,7 +122,7 @@ class AgentPoolClient:
                 await self.redis.ping()
             await self.amqp.connect()
             ch = await self.amqp.channel()
-            for name in self.config.pools:
+            for name in tenants.static_pools(self.config):  # a template's pools are {template}--{tenant}
                 await topology.declare_pool(ch, self.names, name)
             await ch.close()
             await self.reader.start()
@@ -192,6 +192,7 @@ class AgentPoolClient:
                 error_code="VALIDATION_ERROR",
                 details={"field": "thread_id"},
             )
+        self._check_variables(pool, p, context_variables or {})
         tenant = tenant or p.tenant
         if p.per_tenant:
             pool = await self._tenant_pool(pool, tenant, p)
@@ -210,6 +211,21 @@ class AgentPoolClient:
         )
         replica, tier = await self._publish(req, p, track)
         return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)
+
+    def _check_variables(self, name: str, p: Pool, given: dict[str, str]) -> None:
+        """Refuse a request that leaves a ``{VAR}`` of a deployment's system prompt unfilled
+        (before it is queued: sent as written, it would reach the model as ``{PRODUCT}``)."""
+        for dep in p.deployments:
+            missing = self.config.agent_types[dep.agent_type].missing_variables(given)
+            if missing:
+                raise BadRequest(
+                    f"pool {name!r}: the system prompt of agent type {dep.agent_type!r} uses "
+                    + ", ".join(f"{{{m}}}" for m in missing)
+                    + f"; send it in context_variables or give it a default in "
+                    f"[agent_types.{dep.agent_type}] variables",
+                    error_code="CONTEXT_VARIABLE_MISSING",
+                    details={"field": f"context_variables.{missing[0]}", "missing": missing},
+                )
 
     async def _tenant_pool(self, template: str, tenant: str, p: Pool) -> str:
         """``{template}--{tenant}``: registered on first use (503 POOL_LIMIT at the cap), queues declared."""
@@ -233,6 +249,7 @@ class AgentPoolClient:
             await self.refresh_membership()  # a replica may have just come up
             plan = self.router.plan(req.pool, pool, req.thread_id)
         headers = {"thread_id": req.thread_id, "tenant": req.tenant}
+        full = False
         for replica, tier in plan:
             req.replica, req.tier = replica, tier
             try:
@@ -243,12 +260,17 @@ class AgentPoolClient:
                     headers=headers,
                 )
             except QueueFull:
+                full = True
+                continue
+            except QueueGone:  # the replica drained and deleted its queue since our last refresh
                 continue
             self.router.published(replica, track)
             self.activity.seen(req.pool)
             metrics.routed(req.pool, tier)
             return replica, tier
-        if self.router.members(req.pool):
+        if plan and not full:  # every replica in the plan is gone: see who is left
+            await self.refresh_membership()
+        if full or (not plan and self.router.members(req.pool)):
             metrics.routed(req.pool, "rejected")
             raise Unavailable(
                 f"pool {req.pool!r} is saturated: every replica is at its depth limit",

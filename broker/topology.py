@@ -1,10 +1,16 @@
-"""RabbitMQ topology for pools and replicas (see DESIGN.md, "RabbitMQ topology").
+"""RabbitMQ topology for pools and replicas (see README.md, "Architecture in a few lines").
 
 Per replica: a classic durable queue bounded by ``x-max-length = max_depth - concurrency`` with
 ``reject-publish`` (a full queue nacks, the router tries the next replica), a queue-wide TTL of
 ``rescue_after_s`` whose expired messages dead-letter into the pool's shared queue (so requests
 queued behind a dead or stuck replica reach a live one), and ``x-expires`` far above the TTL.
-Per pool: a shared queue every replica consumes, and a parking queue for poison messages.
+A replica that drains gracefully deletes its own queue once it is empty (see
+``workers.runtime.Worker.drain``); ``x-expires`` removes the queues of replicas that died. A
+publish to a deleted queue comes back unroutable (``broker.amqp.QueueGone``) and the router tries
+the next replica. Changing these arguments breaks redeclaring existing queues
+(PRECONDITION_FAILED), so they stay as they are.
+Per pool: a shared queue every replica consumes, and a parking queue for poison messages. Only
+pools that run replicas get them: a ``per_tenant`` template's pools are ``{template}--{tenant}``.
 """
 
 from __future__ import annotations

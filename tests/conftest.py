@@ -220,6 +220,8 @@ class System:
             await wait_until(ok, 10, f"membership of {name} = {sorted(want)}")
 
     async def close(self) -> None:
+        for w in self.workers.values():  # the test is over: nothing routes to them any more,
+            w.router_grace_s = w.queue_empty_wait_s = 0.0  # and the namespace is deleted after
         await asyncio.gather(*(self.stop_worker(rid) for rid in list(self._tasks)), return_exceptions=True)
 
 

@@ -26,6 +26,7 @@ from tests.fleet_support import (
     supervisors,
     wait_ready,
 )
+from tests.test_queues import probe
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,6 +39,14 @@ async def pool_json(http: httpx.AsyncClient, pool: str = "p") -> dict[str, objec
 
 def ready_count(body: dict[str, object]) -> int:
     return sum(d["ready"] for d in body["deployments"])  # type: ignore[attr-defined,misc]
+
+
+async def replica_queues(system: System, pool: str = "p", slots: int = 12) -> set[str]:
+    """Ids of the pool's replicas (deployment main, slots 1..slots) whose queue exists."""
+    names = Names(system.settings.namespace)
+    async with probe(system.settings) as exists:
+        ids = [f"{pool}-main-{n}" for n in range(1, slots + 1)]
+        return {rid for rid in ids if await exists.queue(names.replica_queue(rid))}
 
 
 async def test_scale_1_4_1_under_load_answers_everything(make_system, tmp_path: Path) -> None:
@@ -204,6 +213,10 @@ async def test_rolling_restart_under_load_keeps_capacity(make_system, tmp_path: 
         load.stop.set()
         await asyncio.wait_for(lanes, 60)
         after = await ready(client)
+        # the replaced replicas deleted their queues as they drained; the new ones have theirs
+        await wait_until(
+            lambda: _queues_are(system, {r.id for r in after}), 10, "only the new replicas' queues"
+        )
 
     # Then no request failed, capacity never fell below desired - 1, every replica is new
     print(f"\nrolling restart: {len(load.answers)} requests, none failed; lowest ready count {lowest}")
@@ -211,6 +224,12 @@ async def test_rolling_restart_under_load_keeps_capacity(make_system, tmp_path: 
     assert len(load.answers) == load.sent
     assert lowest >= 2
     assert all(r.started_at > max(before.values()) for r in after)
+    # And with the supervisor stopped (its replicas drained), no replica queue is left behind
+    assert await replica_queues(system) == set()
+
+
+async def _queues_are(system: System, ids: set[str]) -> bool:
+    return await replica_queues(system) == ids
 
 
 async def test_idle_pool_shrinks_to_zero_then_a_request_wakes_it(make_system, tmp_path: Path) -> None:
@@ -402,7 +421,8 @@ async def test_scale_down_stops_idle_replicas_and_keeps_the_busy_one(make_system
         # When the deployment is scaled from 3 to 1 while one replica is mid-answer
         await client.fleet.set_desired("p", "main", 1)
         await wait_until(lambda: _ready_ids_are(system, {busy}), 15, "only the busy replica left")
-        # Then the idle ones were stopped, and the answer in flight completes
+        # Then the idle ones were stopped and deleted their queues, and the answer in flight completes
+        await wait_until(lambda: _queues_are(system, {busy}), 10, "the stopped replicas' queues deleted")
         events = [e async for e in stream]
         assert isinstance(events[-1], End) and events[-1].agent_id == busy
 

@@ -4,7 +4,9 @@
 (:mod:`workers.main`). Lifecycle: ``starting`` (connect, declare, warm) -> ``ready`` (consuming
 its own queue and the pool's shared queue, prefetch = concurrency shared across both) ->
 ``draining`` (consumers cancelled, in-flight work finishes until the deadline, the rest is
-nacked back) -> deregistered.
+nacked back) -> deregistered -> its own queue deleted once empty (requests still in it dead-letter
+into the pool's shared queue within ``rescue_after_s``; if it does not empty in time, ``x-expires``
+removes it later).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable
 from typing import Literal
 
 import aio_pika
+import aiormq
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from broker import topology
 from broker.amqp import Amqp
+from broker.client import MEMBERSHIP_REFRESH_S
 from broker.redis_conn import REDIS_ERRORS, connect
 from broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
 from broker.streams import ReplyStore
@@ -49,6 +53,14 @@ DRAIN_TIMEOUT_S = 30.0
 REDIS_RETRY_DELAY_S = 1.0
 CANCEL_POLL_S = 0.5  # how often requests in flight (a long tool call writes nothing) look for a cancel
 REBUILD_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # an unreachable MCP server: try again, this often
+QUEUE_EMPTY_POLL_S = 0.1  # draining: how often to look whether the replica queue has emptied
+QUEUE_EMPTY_MARGIN_S = 2.0  # ... for at most rescue_after_s (its messages' TTL) and this much more,
+QUEUE_EMPTY_MAX_WAIT_S = 10.0  # but never longer (a long TTL: the queue is left to x-expires)
+# Routers keep publishing to a replica until their membership refresh sees it draining; a message
+# routed to a queue the broker deletes before enqueueing it is confirmed, then gone. So a queue is
+# deleted only this long after the replica stopped saying "ready" (later publishes come back
+# unroutable, and the router tries the next replica).
+ROUTER_GRACE_S = 3 * MEMBERSHIP_REFRESH_S
 
 
 class Worker:
@@ -93,6 +105,8 @@ class Worker:
         self.on_outcome: Callable[[Outcome], None] | None = self.metrics.outcome  # metrics hook
         self.llm = LLM(self.provider, self.agent_type.retries, on_retry=self.metrics.retried)
         self.agent: OpenedAgent | None = None
+        self.router_grace_s = ROUTER_GRACE_S  # 0 only where nothing else routes (a test's teardown)
+        self.queue_empty_wait_s = QUEUE_EMPTY_MAX_WAIT_S
 
     # --- lifecycle
     async def async_run(self, stop: asyncio.Event, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -211,6 +225,7 @@ class Worker:
         self.info.status = "draining"
         with contextlib.suppress(*REDIS_ERRORS):
             await self._beat()
+        routed_until = time.monotonic() + self.router_grace_s  # routers may pick this replica until then
         await self._stop_consuming()
         if self._tasks:
             log.info("replica %s draining %d in-flight request(s)", self.replica_id, len(self._tasks))
@@ -219,8 +234,79 @@ class Worker:
                 task.cancel()  # the task nacks its message back to the queue
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        # No more beats: one would register us again, and its depth poll must not touch the queue.
+        await cancel_and_wait([self._heartbeat])
+        self._heartbeat = None
         with contextlib.suppress(*REDIS_ERRORS):
             await self.registry.remove(self.pool_name, self.replica_id)
+        await self._delete_own_queue(routed_until)
+
+    async def _delete_own_queue(self, routed_until: float) -> None:
+        """Delete this replica's queue once it is empty, instead of leaving it to ``x-expires``.
+
+        Requests still in it dead-letter into the pool's shared queue after ``rescue_after_s`` (the
+        queue's message TTL), so this waits that long at most (and at most
+        ``QUEUE_EMPTY_MAX_WAIT_S``: a replica does not linger a long TTL just to tidy up). The
+        delete is ``if_empty`` (a router whose membership is a moment old may still publish here;
+        the delete then fails and the wait goes on) and ``if_unused`` (a consumer would be another
+        copy of this replica). If the queue does not empty in time or anything fails, it stays for
+        ``x-expires``: no request is ever dropped with it. A publish after the delete comes back
+        unroutable and the router tries the next replica.
+        """
+        name = self.names.replica_queue(self.replica_id)
+        if any(not t.done() for t in self._tasks):  # past the drain deadline: they hold messages
+            log.warning("replica %s: requests still running; queue %s left to expire", self.replica_id, name)
+            return
+        await asyncio.sleep(max(0.0, routed_until - time.monotonic()))
+        if self._channel is not None:
+            consuming, self._channel = self._channel, None
+            try:
+                # A passive declare on the consuming channel reaches the queue after the acks and
+                # nacks sent on it (a nack puts its message back), so the count below sees them.
+                # Then close it: nothing is unacked any more, and a robust channel closed on
+                # purpose never redeclares the queue.
+                raw = await consuming.get_underlay_channel()
+                await raw.queue_declare(name, passive=True)
+                await consuming.close()
+            except Exception as e:
+                log.warning("replica %s: queue %s left to expire: %s", self.replica_id, name, e)
+                return
+        budget = min(self.pool.limits.rescue_after_s + QUEUE_EMPTY_MARGIN_S, self.queue_empty_wait_s)
+        deadline = time.monotonic() + budget
+        channel: aio_pika.Channel | None = None
+        why = "it did not empty"
+        try:
+            async with asyncio.timeout(budget + 5):  # a broker that stops answering
+                while True:
+                    if channel is None or channel.is_closed:  # a failed delete closes the channel
+                        channel = aio_pika.Channel(self.amqp.connection, publisher_confirms=False)
+                        await channel.initialize()
+                    raw = await channel.get_underlay_channel()  # no robust channel's cache, no restore
+                    try:
+                        ok = await raw.queue_declare(name, passive=True)
+                        if not ok.message_count:
+                            await raw.queue_delete(name, if_empty=True, if_unused=True)
+                            log.info("replica %s: queue %s deleted", self.replica_id, name)
+                            return
+                        why = f"{ok.message_count} request(s) still in it"
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        return  # gone already
+                    except aiormq.exceptions.ChannelPreconditionFailed as e:
+                        why = str(e)  # a request came in after all (or someone consumes it)
+                        if "in use" in why:
+                            break
+                    if time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(QUEUE_EMPTY_POLL_S)
+        except TimeoutError:  # before OSError, its base class
+            why = "the broker did not answer"
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPError, OSError, RuntimeError) as e:
+            why = f"{type(e).__name__}: {e}"
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        log.warning("replica %s: queue %s not deleted (%s); x-expires removes it", self.replica_id, name, why)
 
     async def aclose(self) -> None:
         await cancel_and_wait([self._heartbeat, self._cancel_watch, self._rebuild])
