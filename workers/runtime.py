@@ -222,6 +222,8 @@ class Worker:
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking work; finish what is in flight until the deadline; give back the rest."""
+        await cancel_and_wait([self._rebuild])  # an agent built now must not start consuming
+        self._rebuild = None
         self.info.status = "draining"
         with contextlib.suppress(*REDIS_ERRORS):
             await self._beat()
