@@ -313,6 +313,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     import uvloop
 
     from gateway.server import server
+    from shared.tasks import cancel_and_wait
     from workers.fleet_metrics import FleetMetrics
     from workers.main import install_stop_signals
     from workers.supervisor import Supervisor
@@ -346,7 +347,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
         srv_task = asyncio.create_task(srv.serve())
         watch = asyncio.create_task(keys_cmd.watch_auth(settings, config))
         await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
-        watch.cancel()
+        await cancel_and_wait([watch])
         srv.should_exit = True
         await srv_task
         await sup_task
