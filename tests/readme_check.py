@@ -293,7 +293,8 @@ def alive(pid: int) -> bool:
 
 
 def wait_pools_ready(port: int, log: Path, pid: int, timeout_s: float) -> None:
-    """Until the gateway on ``port`` answers and every pool's desired replicas are ready."""
+    """Until the gateway on ``port`` answers and every pool has its replicas ready (the files
+    this runs pre-warm every pool)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -303,7 +304,9 @@ def wait_pools_ready(port: int, log: Path, pid: int, timeout_s: float) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/pools", timeout=2) as r:
                 pools = json.loads(r.read())["pools"]
             last = json.dumps(pools)
-            if all(d["ready"] >= d["desired"] for p in pools for d in p["deployments"]):
+            # configured, not only desired: until the supervisor marks a pre-warmed pool active,
+            # it reads as idle (desired 0), and "ready" would come before any replica is
+            if all(d["ready"] >= max(d["desired"], d["configured"]) for p in pools for d in p["deployments"]):
                 return
         except OSError:
             pass
@@ -337,16 +340,24 @@ def run_file(
     report = Report() if report is None else report
     shell = Shell(cwd, env)
     devs: list[int] = []  # background `agentpool dev`s: one runs at a time, as one port allows
-    pending: tuple[str, str] | None = None  # (what, output) a following ``text`` block shows
+    # (what, its output, its log if it still runs) a following ``text`` block shows
+    pending: tuple[str, str, Path | None] | None = None
     name = str(path.relative_to(cwd)) if path.is_relative_to(cwd) else path.name
+    logs: list[tuple[str, Path]] = []  # (where: command, log) of what ran in the background
     try:
         for n, block in enumerate(blocks(path.read_text(encoding="utf-8"))):
             where = f"{name}:{block.line}"
             if block.lang == "text":
                 if pending is not None:
-                    problem = mismatch(block.body.splitlines(), pending[1], ordered=False)
+                    what, out, log = pending
+                    problem = mismatch(block.body.splitlines(), out, ordered=False)
+                    deadline = time.monotonic() + 10
+                    while problem and log is not None and time.monotonic() < deadline:  # still writing
+                        time.sleep(0.1)
+                        out = log.read_text()
+                        problem = mismatch(block.body.splitlines(), out, ordered=False)
                     if problem:
-                        raise Failure(f"{where}: output of {pending[0]}: {problem}\n--- got:\n{pending[1]}")
+                        raise Failure(f"{where}: output of {what}: {problem}\n--- got:\n{out}")
                 pending = None
                 continue
             pending = None
@@ -363,7 +374,7 @@ def run_file(
                 report.outputs.append((f"{where}: python block", out))
                 _check(where, "the python block", rc, out)
                 report.ran.append(f"{where}: python block")
-                pending = ("the python block", out)
+                pending = ("the python block", out, None)
                 continue
             for cmd in block.commands:
                 where = f"{name}:{cmd.line}"
@@ -383,6 +394,7 @@ def run_file(
                     log = workdir / f"background{n}-{cmd.line}.log"
                     pid = shell.start(text, log)
                     devs.append(pid)
+                    logs.append((f"{where}: {cmd.text}", log))
                     assert rule.port is not None
                     wait_pools_ready(rule.port, log, pid, timeout_s)
                     out = log.read_text()
@@ -390,7 +402,7 @@ def run_file(
                         raise Failure(f"{where}: {cmd.text} printed a traceback:\n{out}")
                     report.ran.append(f"{where}: {cmd.text} (in the background)")
                     report.outputs.append((f"{where}: {cmd.text}", out))
-                    pending = (cmd.text, out)
+                    pending = (cmd.text, out, log)
                     continue
                 rc, out = shell.run(text, timeout_s)
                 if text.rstrip().endswith("&"):
@@ -406,6 +418,9 @@ def run_file(
                 report.ran.append(f"{where}: {cmd.text}")
     finally:
         shell.close()
+    for what, log in logs:  # stopped as Ctrl-C stops them: that must be clean too
+        if TRACEBACK in log.read_text():
+            raise Failure(f"{what} printed a traceback (by the time it stopped):\n{log.read_text()}")
     return report
 
 
