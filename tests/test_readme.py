@@ -119,6 +119,7 @@ def test_every_readme_command_runs_as_written(settings: Settings, tmp_path: Path
             Path(os.environ["AGENTPOOL_README_OUTPUTS"]).write_text(
                 "\n\n".join(f"### {what}\n{out}" for what, out in report.outputs), encoding="utf-8"
             )
+    print(f"\n{readme}: {len(report.ran)} commands and blocks ran as written")
     for line in report.skipped:
         print("skipped", line)
     assert len(report.ran) >= (20 if readme == "README.md" else 10), report.ran
