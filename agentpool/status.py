@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.fleet import Fleet, Health, PoolSnapshot, PoolStatus
+from broker.fleet import Fleet, Health, PoolStatus
 from broker.redis_conn import connect, translated
 from shared.config import Config
 from shared.errors import NotFound
@@ -110,8 +110,7 @@ async def render(settings: Settings, config: Config, pool: str | None) -> str:
             fleet = Fleet(redis, Names(settings.namespace), config)
             now = time.time()
             if pool is not None:
-                if pool not in await fleet.pool_names():
-                    raise NotFound(f"no pool named {pool!r}", error_code="POOL_NOT_FOUND")
+                await _known(fleet, [pool])
                 s = await fleet.status(pool)
                 return pools_table([s]) + "\n\n" + replicas_table(s, now)
             statuses = await fleet.statuses()
@@ -124,23 +123,16 @@ async def wait_ready(
     settings: Settings, config: Config, pools: list[str], timeout_s: float
 ) -> tuple[bool, list[str]]:
     """Poll until each pool (default: every pool that wants replicas) has every replica it wants
-    ready -> (all ready in time, one line per pool ``support: 3/3 ready``).
-
-    A pre-warmed pool wants its configured replicas even before a supervisor first marked it
-    active (``wait`` right after starting the fleet must not find everything "idle" and return).
-    """
+    ready -> (all ready in time, one line per pool ``support: 3/3 ready``)."""
     redis = connect(settings.redis_url)
     deadline = time.monotonic() + timeout_s
     try:
         with translated(settings.redis_url):
             fleet = Fleet(redis, Names(settings.namespace), config)
-            known = await fleet.pool_names()
-            for p in pools:
-                if p not in known:
-                    raise NotFound(f"no pool named {p!r}", error_code="POOL_NOT_FOUND")
+            known = await _known(fleet, pools)
             while True:
-                snaps = [await fleet.snapshot(p) for p in known if not pools or p in pools]
-                counts = [(s.name, *_ready_of(s)) for s in snaps]
+                statuses = [await fleet.status(p) for p in known if not pools or p in pools]
+                counts = [(s.pool, *_ready_of(s)) for s in statuses]
                 waiting = [c for c in counts if c[1] < c[2]]
                 lines = [f"{name}: {ready}/{want} ready" for name, ready, want in counts if pools or want]
                 if not waiting or time.monotonic() >= deadline:
@@ -150,9 +142,14 @@ async def wait_ready(
         await redis.aclose()
 
 
-def _ready_of(snap: PoolSnapshot) -> tuple[int, int]:
-    fresh = snap.config.prewarm and snap.last_request_at is None  # no supervisor marked it yet
-    status = snap.status()
-    wants = [snap.base[d.name] if fresh else d.desired for d in status.deployments]
-    ready = sum(min(d.ready, w) for d, w in zip(status.deployments, wants, strict=True))
-    return ready, sum(wants)
+async def _known(fleet: Fleet, pools: list[str]) -> list[str]:
+    """Every pool name; NotFound for a name in ``pools`` that is none of them."""
+    known = await fleet.pool_names()
+    for p in pools:
+        if p not in known:
+            raise NotFound(f"no pool named {p!r}", error_code="POOL_NOT_FOUND")
+    return known
+
+
+def _ready_of(s: PoolStatus) -> tuple[int, int]:
+    return sum(min(d.ready, d.desired) for d in s.deployments), sum(d.desired for d in s.deployments)

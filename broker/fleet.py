@@ -46,7 +46,11 @@ def effective_desired(base: int, pool: Pool, last_request_at: float | None, now:
 
 
 def asleep(pool: Pool, last_request_at: float | None, now: float) -> bool:
-    return last_request_at is None or now - last_request_at > pool.idle_timeout_s
+    """Idle past ``idle_timeout_s``. With no activity record yet (a supervisor has not booted, or
+    the record was lost), a ``prewarm`` pool is awake: it counts as used from the start."""
+    if last_request_at is None:
+        return not pool.prewarm
+    return now - last_request_at > pool.idle_timeout_s
 
 
 class Fleet:

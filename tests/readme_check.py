@@ -293,8 +293,8 @@ def alive(pid: int) -> bool:
 
 
 def wait_pools_ready(port: int, log: Path, pid: int, timeout_s: float) -> None:
-    """Until the gateway on ``port`` answers and every pool has its replicas ready (the files
-    this runs pre-warm every pool)."""
+    """Until the gateway on ``port`` answers and every pool's desired replicas are ready (a
+    pre-warmed pool desires its replicas from the start)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -304,9 +304,7 @@ def wait_pools_ready(port: int, log: Path, pid: int, timeout_s: float) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/pools", timeout=2) as r:
                 pools = json.loads(r.read())["pools"]
             last = json.dumps(pools)
-            # configured, not only desired: until the supervisor marks a pre-warmed pool active,
-            # it reads as idle (desired 0), and "ready" would come before any replica is
-            if all(d["ready"] >= max(d["desired"], d["configured"]) for p in pools for d in p["deployments"]):
+            if all(d["ready"] >= d["desired"] for p in pools for d in p["deployments"]):
                 return
         except OSError:
             pass
