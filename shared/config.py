@@ -6,6 +6,7 @@ A bad file fails loudly with one message naming the file, the field and the prob
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from pathlib import Path
@@ -87,8 +88,13 @@ class AgentType(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         built-in renderer's; a ``prompt_renderer`` of your own takes care of its own)."""
         if self.prompt_renderer is not None:
             return []
-        names = dict.fromkeys(PROMPT_VARIABLE.findall(self.system_prompt))
-        return [n for n in names if n not in given and n not in self.variables]
+        return [n for n in prompt_variables(self.system_prompt) if n not in given and n not in self.variables]
+
+
+@functools.cache
+def prompt_variables(template: str) -> tuple[str, ...]:
+    """The ``{VARS}`` of a system prompt, in order, once each (parsed once per prompt, not per request)."""
+    return tuple(dict.fromkeys(PROMPT_VARIABLE.findall(template)))
 
 
 class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
