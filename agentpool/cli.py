@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(fake_llm.main(args.args) or 0)
 
+    from dataclasses import replace
+
     from shared.config import load_config
     from shared.errors import AgentPoolError, ConfigError, Unavailable
     from shared.logs import setup_logging
@@ -150,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.config:
-            from dataclasses import replace
-
             settings = replace(settings, config_path=args.config)
         if args.command == "dev" and not os.environ.get("AGENTPOOL_AUTH"):
-            from dataclasses import replace
-
             settings = replace(settings, auth="open")  # dev serves callers without a key, says so
         config = load_config(settings.config_path)
     except ConfigError as e:

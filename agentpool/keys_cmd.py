@@ -131,7 +131,12 @@ async def auth_banner(settings: Any, config: Any) -> str:
 
 
 def auth_state(settings: Any, config: Any, enforced: bool) -> str:
+    from gateway.keys import closed_by
+
     ns = settings.namespace
+    why = closed_by(settings.auth, bool(config.api_keys), enforced, ns)
+    if why is not None:
+        return f"auth: required ({why}): every request needs a key (the dev key works)"
     if settings.auth == "open":
         tail = (
             f"; keys exist in namespace {ns!r}, so `agentpool gateway` there requires one"
@@ -141,15 +146,6 @@ def auth_state(settings: Any, config: Any, enforced: bool) -> str:
         return (
             "auth: open (agentpool dev; AGENTPOOL_AUTH=required or auto to change): requests without "
             f"a key run as tenant default with every scope, a key that is sent is checked{tail}"
-        )
-    if settings.auth == "required":
-        return "auth: required (AGENTPOOL_AUTH=required): every request needs a key"
-    if config.api_keys:
-        return "auth: required (the pools file has [[api_keys]]): every request needs a key"
-    if enforced:
-        return (
-            f"auth: required (a key was created in namespace {ns!r} with `agentpool keys create`): "
-            "every request needs a key; the dev key below works"
         )
     return "auth: open until a key is created with `agentpool keys create` (AGENTPOOL_AUTH=auto)"
 

@@ -22,7 +22,7 @@ from typing import cast
 from starlette.requests import Request
 
 from broker.client import AgentPoolClient
-from gateway.keys import KeyInfo, KeyStore, same_hash, sha256_hex, split_key
+from gateway.keys import KeyInfo, KeyStore, closed_by, same_hash, sha256_hex, split_key
 from shared.api_config import SCOPES, ApiKeyEntry
 from shared.config import Pool
 from shared.errors import ConfigError, Forbidden, NotFound, Unauthorized
@@ -128,11 +128,8 @@ class Authenticator:
         return found
 
     def why_closed(self) -> str:
-        if self.mode == "required":
-            return "AGENTPOOL_AUTH=required"
-        if self.config_keys:
-            return "the pools file has [[api_keys]]"
-        return f"keys were created in namespace {self.store.names.ns!r} with `agentpool keys create`"
+        why = closed_by(self.mode, bool(self.config_keys), self._enforced, self.store.names.ns)
+        return why or "auth is required"
 
     async def _lookup(self, key: str) -> Principal | None:
         digest = sha256_hex(key)

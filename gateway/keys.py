@@ -73,6 +73,20 @@ def check_grant(tenant: str, scopes: list[str]) -> None:
         )
 
 
+def closed_by(mode: str, config_keys: bool, enforced: bool, namespace: str) -> str | None:
+    """Why callers without a key are refused under ``AGENTPOOL_AUTH=mode`` (None: let in): the
+    one statement of the rule, for the gateway's 401 and what ``agentpool dev`` prints."""
+    if mode == "open":
+        return None
+    if mode == "required":
+        return "AGENTPOOL_AUTH=required"
+    if config_keys:
+        return "the pools file has [[api_keys]]"
+    if enforced:
+        return f"keys were created in namespace {namespace!r} with `agentpool keys create`"
+    return None
+
+
 class KeyStore:
     """Key records under the namespace: ``apikey:{id}`` hashes plus the ``apikeys`` id set."""
 
