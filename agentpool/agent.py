@@ -37,12 +37,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from shared.messages import Message, Step, ToolCall, ToolResult, Usage
-from workers.agents.api import Agent, Item, Setup, Turn
-from workers.agents.llm import LLM
-from workers.providers.base import Reply, ToolSpec
-from workers.tools.base import Tool, ToolFailure
-from workers.tools.functions import TOOL_ATTR
+from agentpool.shared.messages import Message, Step, ToolCall, ToolResult, Usage
+from agentpool.workers.agents.api import Agent, Item, Setup, Turn
+from agentpool.workers.agents.llm import LLM
+from agentpool.workers.providers.base import Reply, ToolSpec
+from agentpool.workers.tools.base import Tool, ToolFailure
+from agentpool.workers.tools.functions import TOOL_ATTR
 
 F = TypeVar("F", bound=Callable[..., Any])
 

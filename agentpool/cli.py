@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from agentpool import keys_cmd
 
 if TYPE_CHECKING:
-    from shared.config import Config
-    from shared.settings import Settings
+    from agentpool.shared.config import Config
+    from agentpool.shared.settings import Settings
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataclasses import replace
 
-    from shared.config import load_config
-    from shared.errors import AgentPoolError, ConfigError, Unavailable
-    from shared.logs import setup_logging
-    from shared.settings import Settings
+    from agentpool.shared.config import load_config
+    from agentpool.shared.errors import AgentPoolError, ConfigError, Unavailable
+    from agentpool.shared.logs import setup_logging
+    from agentpool.shared.settings import Settings
 
     try:
         settings = Settings.from_env()
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging("text" if args.command == "dev" else settings.log_format, settings.log_level)
-    from shared import metrics
+    from agentpool.shared import metrics
 
     metrics.configure(settings.metrics)
     commands: dict[str, Callable[[], int]] = {
@@ -208,8 +208,8 @@ async def _probe(settings: Settings) -> list[str]:
     """Which dependencies are unreachable, each with its URL and how to get it."""
     import aio_pika
 
-    from broker.redis_conn import connect
-    from shared.settings import Settings, redact_url
+    from agentpool.broker.redis_conn import connect
+    from agentpool.shared.settings import Settings, redact_url
 
     assert isinstance(settings, Settings)
     problems = []
@@ -246,7 +246,7 @@ def _check(settings: Settings) -> int:
 
 
 def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int:
-    from workers.main import run_standby, run_worker
+    from agentpool.workers.main import run_standby, run_worker
 
     if args.standby:
         return run_standby(settings, config, drain_timeout_s=args.drain_timeout_s)
@@ -276,8 +276,8 @@ def _workers(
 ) -> int:
     import uvloop
 
-    from workers.main import install_stop_signals
-    from workers.supervisor import Supervisor
+    from agentpool.workers.main import install_stop_signals
+    from agentpool.workers.supervisor import Supervisor
 
     if metrics_port and _busy("0.0.0.0", metrics_port, "--metrics-port"):
         return EXIT_PORT_IN_USE
@@ -294,7 +294,7 @@ def _workers(
 
 
 def _gateway(settings: Settings, config: Config, host: str, port: int) -> int:
-    from gateway.server import run_gateway
+    from agentpool.gateway.server import run_gateway
 
     if _busy(host, port, "--port"):
         return EXIT_PORT_IN_USE
@@ -310,11 +310,11 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     """
     import uvloop
 
-    from gateway.server import server
-    from shared.tasks import cancel_and_wait
-    from workers.fleet_metrics import FleetMetrics
-    from workers.main import install_stop_signals
-    from workers.supervisor import Supervisor
+    from agentpool.gateway.server import server
+    from agentpool.shared.tasks import cancel_and_wait
+    from agentpool.workers.fleet_metrics import FleetMetrics
+    from agentpool.workers.main import install_stop_signals
+    from agentpool.workers.supervisor import Supervisor
 
     if _busy(host, port, "--port") or (metrics_port and _busy(host, metrics_port, "--metrics-port")):
         return EXIT_PORT_IN_USE
@@ -366,12 +366,12 @@ def _wait(settings: Settings, config: Config, pools: list[str], timeout_s: float
 
 
 def _scale(settings: Settings, config: Config, pool: str, deployment: str, replicas: int) -> int:
-    from broker.fleet import Fleet
-    from broker.leases import MAX_REPLICAS
-    from broker.redis_conn import connect
-    from broker.tenants import pool_config
-    from shared.names import Names
-    from shared.settings import Settings
+    from agentpool.broker.fleet import Fleet
+    from agentpool.broker.leases import MAX_REPLICAS
+    from agentpool.broker.redis_conn import connect
+    from agentpool.broker.tenants import pool_config
+    from agentpool.shared.names import Names
+    from agentpool.shared.settings import Settings
 
     assert isinstance(settings, Settings)
     cfg_pool = pool_config(config, pool)

@@ -21,7 +21,7 @@ Anthropic SDK adds it itself)::
     api_key_env = "FAKE_LLM_API_KEY"
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/messages`` (plain JSON, or SSE with
-``"stream": true``), ``GET /v1/models``. The answers come from :mod:`shared.fake_model` with
+``"stream": true``), ``GET /v1/models``. The answers come from :mod:`agentpool.shared.fake_model` with
 ``n = min(max_tokens, reply_tokens)`` tokens; a text reply starts with ``[k earlier]``, k being the
 number of messages before the last one, so a test sees history arrive.
 
@@ -71,7 +71,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from agentpool.fake_wire import ANTHROPIC, OPENAI, Api, Call, Reject, Reply
-from shared.fake_model import input_tokens, respond
+from agentpool.shared.fake_model import input_tokens, respond
 
 FAULTS = ("ok", "429", "500", "timeout", "drop")
 BODIES_KEPT = 50  # last request bodies kept per API for /_fake/stats

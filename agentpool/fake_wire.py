@@ -19,8 +19,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.fake_model import FakeAnswer
-from shared.messages import Message, ToolCall
+from agentpool.shared.fake_model import FakeAnswer
+from agentpool.shared.messages import Message, ToolCall
 
 MODELS = ("fake-1",)
 ARGUMENT_PIECE_CHARS = 8  # a tool call's JSON arguments stream in fragments this long

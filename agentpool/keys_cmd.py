@@ -35,9 +35,9 @@ def run(settings: Any, config: Any, args: argparse.Namespace) -> int:
 
 
 async def _with_store(settings: Any, fn: Any) -> Any:
-    from broker.redis_conn import connect, translated
-    from gateway.keys import KeyStore
-    from shared.names import Names
+    from agentpool.broker.redis_conn import connect, translated
+    from agentpool.gateway.keys import KeyStore
+    from agentpool.shared.names import Names
 
     r = connect(settings.redis_url)
     try:
@@ -48,7 +48,7 @@ async def _with_store(settings: Any, fn: Any) -> Any:
 
 
 async def _create(settings: Any, config: Any, args: argparse.Namespace) -> int:
-    from shared.errors import BadRequest
+    from agentpool.shared.errors import BadRequest
 
     if args.rpm is not None and args.rpm < 0:
         print("agentpool: --rpm must be >= 0 (0 = unlimited)", file=sys.stderr)
@@ -82,7 +82,7 @@ async def _list(settings: Any, config: Any, args: argparse.Namespace) -> int:
 
 
 def _config_info(i: int, entry: Any) -> Any:
-    from gateway.keys import KeyInfo
+    from agentpool.gateway.keys import KeyInfo
 
     return KeyInfo(
         id=entry.id or f"config-{i}",
@@ -116,7 +116,7 @@ async def dev_key(settings: Any) -> tuple[str, str]:
 
 
 async def revoke_dev_key(settings: Any, key_id: str) -> None:
-    from shared.errors import Unavailable
+    from agentpool.shared.errors import Unavailable
 
     try:
         await _with_store(settings, lambda s: s.revoke(key_id))
@@ -131,7 +131,7 @@ async def auth_banner(settings: Any, config: Any) -> str:
 
 
 def auth_state(settings: Any, config: Any, enforced: bool) -> str:
-    from gateway.keys import closed_by
+    from agentpool.gateway.keys import closed_by
 
     ns = settings.namespace
     why = closed_by(settings.auth, bool(config.api_keys), enforced, ns)
@@ -154,9 +154,9 @@ async def watch_auth(settings: Any, config: Any) -> None:
     """Under ``agentpool dev``: say so the moment a created key changes who gets in (polled each second)."""
     import logging
 
-    from broker.redis_conn import REDIS_ERRORS, connect
-    from gateway.keys import KeyStore
-    from shared.names import Names
+    from agentpool.broker.redis_conn import REDIS_ERRORS, connect
+    from agentpool.gateway.keys import KeyStore
+    from agentpool.shared.names import Names
 
     log = logging.getLogger("agentpool.dev")
     r = connect(settings.redis_url)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.fleet import Fleet, Health, PoolStatus
-from broker.redis_conn import connect, translated
-from shared.config import Config
-from shared.errors import NotFound
-from shared.names import Names
-from shared.settings import Settings
+from agentpool.broker.fleet import Fleet, Health, PoolStatus
+from agentpool.broker.redis_conn import connect, translated
+from agentpool.shared.config import Config
+from agentpool.shared.errors import NotFound
+from agentpool.shared.names import Names
+from agentpool.shared.settings import Settings
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -102,12 +102,12 @@ async def rounds_run(client, pid: int, n: int, k: int, conc: int) -> dict[str, f
 
 async def per_request_build(build_s: float, runs: int) -> list[float]:
     """Build the agent for each request (what a fleet without warm replicas pays), then run it."""
+    from agentpool.shared.config import AgentType
+    from agentpool.shared.config import Provider as ProviderConfig
+    from agentpool.workers.agents.api import Setup, Turn
+    from agentpool.workers.agents.llm import LLM
+    from agentpool.workers.providers.fake import FakeProvider
     from bench.agent_support import slow_build
-    from shared.config import AgentType
-    from shared.config import Provider as ProviderConfig
-    from workers.agents.api import Setup, Turn
-    from workers.agents.llm import LLM
-    from workers.providers.fake import FakeProvider
 
     agent_type = AgentType(provider="fake", kind="python", factory="bench.agent_support:slow_build")
     provider = FakeProvider(ProviderConfig(kind="fake", reply_tokens=20), agent_type)
@@ -142,9 +142,9 @@ def start_worker(env: dict[str, str], pool: str) -> subprocess.Popen[bytes]:
 
 
 async def one_invocation(args) -> dict[str, float]:
-    from broker.client import AgentPoolClient
-    from shared.config import load_config
-    from shared.settings import Settings
+    from agentpool.broker.client import AgentPoolClient
+    from agentpool.shared.config import load_config
+    from agentpool.shared.settings import Settings
     from tests.conftest import cleanup_namespace
 
     cfg = Path(tempfile.mkdtemp()) / "agents.toml"

@@ -150,9 +150,9 @@ async def _member(client, pool: str, rid: str) -> bool:  # type: ignore[no-untyp
 
 
 async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from broker.client import AgentPoolClient
-    from shared.config import load_config
-    from shared.settings import Settings
+    from agentpool.broker.client import AgentPoolClient
+    from agentpool.shared.config import load_config
+    from agentpool.shared.settings import Settings
     from tests.conftest import cleanup_namespace
 
     port = free_port()

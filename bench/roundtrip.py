@@ -103,7 +103,7 @@ def http_one(session, url: str):
 
 
 def client_one(client):
-    from shared.messages import Chunk, End
+    from agentpool.shared.messages import Chunk, End
 
     async def one(i: int) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -129,9 +129,9 @@ async def measure(args, env: dict[str, str], port: int, conc: int) -> dict[str, 
             await closed_loop(conc, min(args.n, 200), 10, one)  # warm-up
             res, el = await closed_loop(conc, args.n, args.seconds, one)
     else:
-        from broker.client import AgentPoolClient
-        from shared.config import load_config
-        from shared.settings import Settings
+        from agentpool.broker.client import AgentPoolClient
+        from agentpool.shared.config import load_config
+        from agentpool.shared.settings import Settings
 
         settings = Settings.from_env(env)
         async with AgentPoolClient(settings, load_config(settings.config_path)) as client:
@@ -182,9 +182,9 @@ def start_system(args, env: dict[str, str], port: int) -> list[subprocess.Popen]
 
 
 async def wait_ready(env: dict[str, str], port: int, args) -> None:
-    from broker.redis_conn import connect
-    from broker.registry import Registry
-    from shared.names import Names
+    from agentpool.broker.redis_conn import connect
+    from agentpool.broker.registry import Registry
+    from agentpool.shared.names import Names
 
     r = connect(env["AGENTPOOL_REDIS_URL"])
     reg = Registry(r, Names(env["AGENTPOOL_NAMESPACE"]))
@@ -214,8 +214,8 @@ async def wait_ready(env: dict[str, str], port: int, args) -> None:
 
 
 async def cleanup(env: dict[str, str]) -> None:
-    from shared.config import load_config
-    from shared.settings import Settings
+    from agentpool.shared.config import load_config
+    from agentpool.shared.settings import Settings
     from tests.conftest import cleanup_namespace
 
     settings = Settings.from_env(env)

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agentpool.broker.client import MEMBERSHIP_REFRESH_S  # noqa: E402
 from bench.roundtrip import cleanup, closed_loop, http_one, pct  # noqa: E402
-from broker.client import MEMBERSHIP_REFRESH_S  # noqa: E402
 
 CONFIG = """
 [providers.fake-openai]

@@ -1,3 +1,3 @@
 """RabbitMQ topology and publishing, Redis reply streams, replica registry, routing, and the
-client that internal services and the gateway both use (:class:`broker.client.AgentPoolClient`).
+client that internal services and the gateway both use (:class:`agentpool.broker.client.AgentPoolClient`).
 """

@@ -3,7 +3,7 @@
 aio-pika errors are translated here, once: callers see :class:`QueueFull` (the broker nacked:
 the queue is at its ``x-max-length``), :class:`QueueGone` (the message came back unroutable: no
 such queue, e.g. a replica that drained and deleted its queue), or
-:class:`shared.errors.Unavailable` with ``BROKER_UNAVAILABLE`` (no connection, channel lost). A
+:class:`agentpool.shared.errors.Unavailable` with ``BROKER_UNAVAILABLE`` (no connection, channel lost). A
 publish whose connection was lost has an unknown outcome; the router may retry it elsewhere, and
 workers dedupe by ``request_id``.
 """
@@ -19,8 +19,8 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from shared.errors import Unavailable
-from shared.settings import redact_url
+from agentpool.shared.errors import Unavailable
+from agentpool.shared.settings import redact_url
 
 log = logging.getLogger("agentpool.amqp")
 

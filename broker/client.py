@@ -23,16 +23,16 @@ from types import TracebackType
 
 import msgspec
 
-from broker import tenants, topology
-from broker.amqp import Amqp, QueueFull, QueueGone
-from broker.fleet import Activity, Fleet
-from broker.redis_conn import REDIS_ERRORS, connect, translated
-from broker.registry import Registry
-from broker.router import Router
-from broker.streams import ReplyReader, ReplyStore, Subscription
-from shared import metrics
-from shared.config import Config, Pool, load_config
-from shared.errors import (
+from agentpool.broker import tenants, topology
+from agentpool.broker.amqp import Amqp, QueueFull, QueueGone
+from agentpool.broker.fleet import Activity, Fleet
+from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
+from agentpool.broker.registry import Registry
+from agentpool.broker.router import Router
+from agentpool.broker.streams import ReplyReader, ReplyStore, Subscription
+from agentpool.shared import metrics
+from agentpool.shared.config import Config, Pool, load_config
+from agentpool.shared.errors import (
     AgentPoolError,
     BadRequest,
     Interrupted,
@@ -41,7 +41,7 @@ from shared.errors import (
     StateConflict,
     Unavailable,
 )
-from shared.messages import (
+from agentpool.shared.messages import (
     EVENT_DECODER,
     FINAL_TYPES,
     REQUEST_ENCODER,
@@ -52,9 +52,9 @@ from shared.messages import (
     Request,
     Resume,
 )
-from shared.names import Names
-from shared.settings import Settings
-from shared.tasks import cancel_and_wait
+from agentpool.shared.names import Names
+from agentpool.shared.settings import Settings
+from agentpool.shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.client")
 

@@ -19,10 +19,10 @@ from typing import Literal
 import msgspec
 import redis.asyncio as aredis
 
-from broker import tenants
-from broker.registry import Registry, ReplicaInfo
-from shared.config import Config, Pool
-from shared.names import Names
+from agentpool.broker import tenants
+from agentpool.broker.registry import Registry, ReplicaInfo
+from agentpool.shared.config import Config, Pool
+from agentpool.shared.names import Names
 
 PoolHealth = Literal["healthy", "degraded", "unhealthy", "idle"]
 

@@ -16,7 +16,7 @@ import socket
 
 import redis.asyncio as aredis
 
-from shared.names import Names
+from agentpool.shared.names import Names
 
 LEASE_TTL_MS = 3000  # a dead owner's slots are free after this long
 MAX_SLOTS = 128  # slot numbers a deployment may use (desired replicas are capped at half of it)

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import redis.asyncio as aredis
 import redis.exceptions
 
-from shared.errors import Unavailable
-from shared.settings import redact_url
+from agentpool.shared.errors import Unavailable
+from agentpool.shared.settings import redact_url
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 

@@ -13,7 +13,7 @@ from typing import Literal
 import msgspec
 import redis.asyncio as aredis
 
-from shared.names import Names
+from agentpool.shared.names import Names
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_S = 3.5  # three missed beats and a replica is gone from routing

@@ -25,8 +25,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from broker.registry import ReplicaInfo
-from shared.config import Pool
+from agentpool.broker.registry import ReplicaInfo
+from agentpool.shared.config import Pool
 
 _TWO_64 = float(2**64)
 BLIND_TRIES = 3  # replicas estimated full that are still offered to the broker

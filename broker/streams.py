@@ -27,11 +27,20 @@ from typing import Any
 import msgspec
 import redis.asyncio as aredis
 
-from broker.redis_conn import REDIS_ERRORS, connect, translated
-from shared import metrics
-from shared.messages import EVENT_ENCODER, FINAL_TYPES, Chunk, End, Error, Event, Interrupt, event_fields
-from shared.names import Names
-from shared.tasks import cancel_and_wait
+from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
+from agentpool.shared import metrics
+from agentpool.shared.messages import (
+    EVENT_ENCODER,
+    FINAL_TYPES,
+    Chunk,
+    End,
+    Error,
+    Event,
+    Interrupt,
+    event_fields,
+)
+from agentpool.shared.names import Names
+from agentpool.shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.streams")
 

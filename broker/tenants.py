@@ -16,9 +16,9 @@ import time
 import msgspec
 import redis.asyncio as aredis
 
-from shared.config import Config, Pool
-from shared.errors import BadRequest, Unavailable
-from shared.names import Names
+from agentpool.shared.config import Config, Pool
+from agentpool.shared.errors import BadRequest, Unavailable
+from agentpool.shared.names import Names
 
 SEP = "--"
 TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as API-key tenants (shared/api_config.py)

@@ -5,8 +5,8 @@ Per replica: a classic durable queue bounded by ``x-max-length = max_depth - con
 ``rescue_after_s`` whose expired messages dead-letter into the pool's shared queue (so requests
 queued behind a dead or stuck replica reach a live one), and ``x-expires`` far above the TTL.
 A replica that drains gracefully deletes its own queue once it is empty (see
-``workers.runtime.Worker.drain``); ``x-expires`` removes the queues of replicas that died. A
-publish to a deleted queue comes back unroutable (``broker.amqp.QueueGone``) and the router tries
+``agentpool.workers.runtime.Worker.drain``); ``x-expires`` removes the queues of replicas that died. A
+publish to a deleted queue comes back unroutable (``agentpool.broker.amqp.QueueGone``) and the router tries
 the next replica. Changing these arguments breaks redeclaring existing queues
 (PRECONDITION_FAILED), so they stay as they are.
 Per pool: a shared queue every replica consumes, and a parking queue for poison messages. Only
@@ -19,8 +19,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractQueue, ExchangeType
 
-from shared.config import Pool
-from shared.names import Names
+from agentpool.shared.config import Pool
+from agentpool.shared.names import Names
 
 REPLICA_QUEUE_EXPIRES_MS = 6 * 3600 * 1000
 

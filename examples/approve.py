@@ -1,7 +1,6 @@
 import asyncio
 
-from broker.client import AgentPoolClient
-from shared.errors import Interrupted
+from agentpool import AgentPoolClient, Interrupted
 
 
 async def main() -> None:

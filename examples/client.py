@@ -1,7 +1,6 @@
 import asyncio
 
-from broker.client import AgentPoolClient
-from shared.messages import Chunk, End
+from agentpool import AgentPoolClient, Chunk, End
 
 
 async def main() -> None:

@@ -1,1 +1,1 @@
-"""The HTTP gateway: a thin ASGI shell over :class:`broker.client.AgentPoolClient`."""
+"""The HTTP gateway: a thin ASGI shell over :class:`agentpool.broker.client.AgentPoolClient`."""

@@ -22,12 +22,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broker.fleet import DeploymentStatus, Fleet, Health, PoolStatus
-from broker.leases import MAX_REPLICAS
-from broker.redis_conn import translated
-from gateway.auth import require
-from gateway.http import JSON, decode, read_body
-from shared.errors import NotFound
+from agentpool.broker.fleet import DeploymentStatus, Fleet, Health, PoolStatus
+from agentpool.broker.leases import MAX_REPLICAS
+from agentpool.broker.redis_conn import translated
+from agentpool.gateway.auth import require
+from agentpool.gateway.http import JSON, decode, read_body
+from agentpool.shared.errors import NotFound
 
 MAX_ADMIN_BODY_BYTES = 4096
 

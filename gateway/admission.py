@@ -14,19 +14,19 @@ from dataclasses import dataclass, field, replace
 
 from starlette.requests import Request
 
-from broker.client import AgentPoolClient, Ticket, new_id
-from broker.redis_conn import translated
-from broker.streams import REPLY_TTL_S, Subscription
-from gateway.auth import Principal, pool_for, require
-from gateway.background import Background
-from gateway.http import decode, read_body
-from gateway.idempotency import Claim, Idempotency, fingerprint, idempotency_key
-from gateway.ratelimit import RateLimiter, limits_for
-from gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
-from gateway.urlcheck import check_webhook_url
-from gateway.webhooks import Deliverer
-from shared.config import Pool
-from shared.errors import BadRequest, NotFound, RateLimited
+from agentpool.broker.client import AgentPoolClient, Ticket, new_id
+from agentpool.broker.redis_conn import translated
+from agentpool.broker.streams import REPLY_TTL_S, Subscription
+from agentpool.gateway.auth import Principal, pool_for, require
+from agentpool.gateway.background import Background
+from agentpool.gateway.http import decode, read_body
+from agentpool.gateway.idempotency import Claim, Idempotency, fingerprint, idempotency_key
+from agentpool.gateway.ratelimit import RateLimiter, limits_for
+from agentpool.gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
+from agentpool.gateway.urlcheck import check_webhook_url
+from agentpool.gateway.webhooks import Deliverer
+from agentpool.shared.config import Pool
+from agentpool.shared.errors import BadRequest, NotFound, RateLimited
 
 
 @dataclass(slots=True)

@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broker.client import AgentPoolClient
-from broker.redis_conn import redis_unavailable
-from gateway import admin, external, routes
-from gateway.http import error_response
-from shared.config import Config, load_config
-from shared.errors import AgentPoolError, BadRequest, NotFound
-from shared.settings import Settings
+from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.redis_conn import redis_unavailable
+from agentpool.gateway import admin, external, routes
+from agentpool.gateway.http import error_response
+from agentpool.shared.config import Config, load_config
+from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
+from agentpool.shared.settings import Settings
 
 
 def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:

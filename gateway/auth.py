@@ -21,11 +21,11 @@ from typing import cast
 
 from starlette.requests import Request
 
-from broker.client import AgentPoolClient
-from gateway.keys import KeyInfo, KeyStore, closed_by, same_hash, sha256_hex, split_key
-from shared.api_config import SCOPES, ApiKeyEntry
-from shared.config import Pool
-from shared.errors import ConfigError, Forbidden, NotFound, Unauthorized
+from agentpool.broker.client import AgentPoolClient
+from agentpool.gateway.keys import KeyInfo, KeyStore, closed_by, same_hash, sha256_hex, split_key
+from agentpool.shared.api_config import SCOPES, ApiKeyEntry
+from agentpool.shared.config import Pool
+from agentpool.shared.errors import ConfigError, Forbidden, NotFound, Unauthorized
 
 OPEN_TENANT = "default"
 MODE_CACHE_S = 1.0

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from shared.tasks import cancel_and_wait
+from agentpool.shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.gateway")
 

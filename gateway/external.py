@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from broker.client import AgentPoolClient
-from gateway import keys_api, openapi
-from gateway.auth import Authenticator, Principal, config_keys
-from gateway.background import Background
-from gateway.idempotency import Idempotency
-from gateway.keys import KeyStore
-from gateway.ratelimit import RateLimiter
-from gateway.webhooks import Deliverer, configured_secret
-from shared.config import Config
-from shared.settings import Settings
+from agentpool.broker.client import AgentPoolClient
+from agentpool.gateway import keys_api, openapi
+from agentpool.gateway.auth import Authenticator, Principal, config_keys
+from agentpool.gateway.background import Background
+from agentpool.gateway.idempotency import Idempotency
+from agentpool.gateway.keys import KeyStore
+from agentpool.gateway.ratelimit import RateLimiter
+from agentpool.gateway.webhooks import Deliverer, configured_secret
+from agentpool.shared.config import Config
+from agentpool.shared.settings import Settings
 
 ROUTES = [
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

@@ -10,8 +10,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from broker.streams import is_stream_id
-from shared.errors import AgentPoolError, BadRequest, PayloadTooLarge
+from agentpool.broker.streams import is_stream_id
+from agentpool.shared.errors import AgentPoolError, BadRequest, PayloadTooLarge
 
 T = TypeVar("T")
 _ENC = msgspec.json.Encoder()

@@ -15,9 +15,9 @@ import msgspec
 import redis.asyncio as aredis
 from starlette.requests import Request
 
-from gateway.schemas import AskBody
-from shared.errors import BadRequest, Conflict
-from shared.names import Names
+from agentpool.gateway.schemas import AskBody
+from agentpool.shared.errors import BadRequest, Conflict
+from agentpool.shared.names import Names
 
 IDEM_TTL_S = 24 * 3600
 MAX_KEY_CHARS = 256

@@ -21,9 +21,9 @@ import msgspec
 import redis.asyncio as aredis
 from redis.typing import EncodableT, FieldT
 
-from shared.api_config import SCOPES, TENANT_PATTERN
-from shared.errors import BadRequest
-from shared.names import Names
+from agentpool.shared.api_config import SCOPES, TENANT_PATTERN
+from agentpool.shared.errors import BadRequest
+from agentpool.shared.names import Names
 
 KEY_PREFIX = "ap"
 KEY_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")

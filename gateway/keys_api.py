@@ -5,12 +5,12 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import Authenticator, require
-from gateway.http import JSON
-from gateway.keys import KEY_ID, KeyStore
-from gateway.schemas import KeyList, Revoked, WebhookSecret
-from gateway.webhooks import Deliverer
-from shared.errors import NotFound
+from agentpool.gateway.auth import Authenticator, require
+from agentpool.gateway.http import JSON
+from agentpool.gateway.keys import KEY_ID, KeyStore
+from agentpool.gateway.schemas import KeyList, Revoked, WebhookSecret
+from agentpool.gateway.webhooks import Deliverer
+from agentpool.shared.errors import NotFound
 
 
 async def list_keys(request: Request) -> Response:

@@ -13,8 +13,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway import schemas as s
-from shared import messages as m
+from agentpool.gateway import schemas as s
+from agentpool.shared import messages as m
 
 VERSION = "1.0.0"
 _TYPES = [

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aredis
 
-from broker.redis_conn import translated
-from gateway.auth import Principal
-from shared.config import Config, Pool
-from shared.names import Names
+from agentpool.broker.redis_conn import translated
+from agentpool.gateway.auth import Principal
+from agentpool.shared.config import Config, Pool
+from agentpool.shared.names import Names
 
 PERIOD_MS = 60_000
 

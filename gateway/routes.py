@@ -9,16 +9,16 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from broker.client import AgentPoolClient, Ticket
-from broker.streams import REPLY_TTL_S, entry_order
-from gateway import admission
-from gateway.auth import owns, require
-from gateway.http import JSON, decode, read_body, resume_after, wants_sse
-from gateway.schemas import Accepted, AskResponse, PendingApproval, ResumeBody
-from gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
-from shared import metrics
-from shared.errors import Interrupted, NotFound, RequestFailed, status_for_code
-from shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
+from agentpool.broker.client import AgentPoolClient, Ticket
+from agentpool.broker.streams import REPLY_TTL_S, entry_order
+from agentpool.gateway import admission
+from agentpool.gateway.auth import owns, require
+from agentpool.gateway.http import JSON, decode, read_body, resume_after, wants_sse
+from agentpool.gateway.schemas import Accepted, AskResponse, PendingApproval, ResumeBody
+from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
+from agentpool.shared import metrics
+from agentpool.shared.errors import Interrupted, NotFound, RequestFailed, status_for_code
+from agentpool.shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
 
 MAX_RESUME_BODY_BYTES = 8 * 1024
 

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from gateway.keys import KeyInfo
-from shared.messages import StepEvent, Timings, ToolCall, Usage
+from agentpool.gateway.keys import KeyInfo
+from agentpool.shared.messages import StepEvent, Timings, ToolCall, Usage
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_CONTENT_CHARS = 10_000

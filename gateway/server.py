@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from gateway.app import create_app
-from shared.config import Config
-from shared.settings import Settings
+from agentpool.gateway.app import create_app
+from agentpool.shared.config import Config
+from agentpool.shared.settings import Settings
 
 
 class EmbeddedServer(uvicorn.Server):

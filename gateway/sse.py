@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from broker.client import KEEPALIVE
-from shared import metrics
-from shared.messages import FINAL_TYPES
+from agentpool.broker.client import KEEPALIVE
+from agentpool.shared import metrics
+from agentpool.shared.messages import FINAL_TYPES
 
 KEEPALIVE_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -13,7 +13,7 @@ import ipaddress
 import socket
 from urllib.parse import SplitResult, urlsplit
 
-from shared.errors import WebhookRefused
+from agentpool.shared.errors import WebhookRefused
 
 RESOLVE_TIMEOUT_S = 5.0
 _FIELD = {"field": "webhook_url"}

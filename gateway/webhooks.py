@@ -33,14 +33,14 @@ import httpx
 import msgspec
 from redis.typing import EncodableT, FieldT
 
-from broker.client import AgentPoolClient
-from broker.redis_conn import REDIS_ERRORS
-from gateway.schemas import PendingApproval, WebhookError, WebhookPayload
-from gateway.urlcheck import check_webhook_url
-from shared.api_config import Webhooks
-from shared.errors import ConfigError, WebhookRefused
-from shared.messages import FINAL_TYPES, End, Error, Interrupt
-from shared.tasks import cancel_and_wait
+from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.redis_conn import REDIS_ERRORS
+from agentpool.gateway.schemas import PendingApproval, WebhookError, WebhookPayload
+from agentpool.gateway.urlcheck import check_webhook_url
+from agentpool.shared.api_config import Webhooks
+from agentpool.shared.errors import ConfigError, WebhookRefused
+from agentpool.shared.messages import FINAL_TYPES, End, Error, Interrupt
+from agentpool.shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.webhooks")
 

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from shared.api_config import ApiKeyEntry, RateLimit, Tenant, Webhooks, check_api, key_rate_limit
-from shared.errors import ConfigError
+from agentpool.shared.api_config import ApiKeyEntry, RateLimit, Tenant, Webhooks, check_api, key_rate_limit
+from agentpool.shared.errors import ConfigError
 
 Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]

@@ -125,7 +125,7 @@ class RequestFailed(AgentPoolError):
 class Interrupted(AgentPoolError):
     """Not a failure: the run paused before a tool call that needs a human's approval.
 
-    ``interrupt`` is the final event (``shared.messages.Interrupt``); continue the run with
+    ``interrupt`` is the final event (``agentpool.shared.messages.Interrupt``); continue the run with
     ``AgentPoolClient.resume(interrupt.request_id, approve=...)``."""
 
     status = 200

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from shared.messages import Message, ToolCall
+from agentpool.shared.messages import Message, ToolCall
 
 WORDS = [
     "agent",

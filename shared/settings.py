@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from shared.config import EXAMPLE_CONFIG
-from shared.errors import ConfigError
+from agentpool.shared.config import EXAMPLE_CONFIG
+from agentpool.shared.errors import ConfigError
 
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.keys import KeyStore
-from shared.config import Config, parse_config
+from agentpool.gateway.keys import KeyStore
+from agentpool.shared.config import Config, parse_config
 from tests.conftest import System, free_port, wait_until
 
 POOL = """
@@ -100,7 +100,7 @@ async def receiver(statuses: list[int] | None = None) -> AsyncIterator[Receiver]
     """A :class:`Receiver` served by uvicorn on a free loopback port, in this event loop."""
     import uvicorn
 
-    from gateway.server import EmbeddedServer
+    from agentpool.gateway.server import EmbeddedServer
 
     rec = Receiver(statuses=statuses or [200])
     port = free_port()

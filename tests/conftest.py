@@ -25,10 +25,10 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aredis
 
-from broker.client import AgentPoolClient
-from shared.config import Config, parse_config
-from shared.names import Names, replica_id
-from shared.settings import Settings
+from agentpool.broker.client import AgentPoolClient
+from agentpool.shared.config import Config, parse_config
+from agentpool.shared.names import Names, replica_id
+from agentpool.shared.settings import Settings
 
 RUN = secrets.token_hex(3)
 _counter = iter(range(1, 10_000))
@@ -180,7 +180,7 @@ class System:
     _tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
 
     async def start_worker(self, pool: str, deployment: str, n: int, wait: bool = True) -> Any:
-        from workers.runtime import Worker
+        from agentpool.workers.runtime import Worker
 
         w = Worker(self.settings, self.config, pool, deployment, n)
         stop = asyncio.Event()
@@ -257,7 +257,7 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings, config: Config) -> AsyncIterator[str]:
     """The real gateway on a free loopback port (uvicorn in this event loop)."""
-    from gateway.server import server
+    from agentpool.gateway.server import server
 
     port = free_port()
     srv = server(settings, config, "127.0.0.1", port, embedded=True)
@@ -300,9 +300,9 @@ async def make_provider(
 ) -> AsyncIterator[Callable[..., Any]]:
     """Builds providers of a kind: the SDK ones aimed at the module's fake server (its key in
     FAKE_KEY_ENV), ``fake`` in process; closes them after the test."""
-    from shared.config import AgentType
-    from shared.config import Provider as ProviderConfig
-    from workers.providers import build_provider
+    from agentpool.shared.config import AgentType
+    from agentpool.shared.config import Provider as ProviderConfig
+    from agentpool.workers.providers import build_provider
 
     settings = fake_llm.fake.settings
     monkeypatch.setenv(FAKE_KEY_ENV, settings.api_key)

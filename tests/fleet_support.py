@@ -13,15 +13,15 @@ from pathlib import Path
 
 import aio_pika
 
-from broker.client import AgentPoolClient
-from broker.registry import ReplicaInfo
-from shared.config import Config, parse_config
-from shared.errors import AgentPoolError
-from shared.messages import End
-from shared.names import Names, replica_id
-from shared.settings import Settings
+from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.registry import ReplicaInfo
+from agentpool.shared.config import Config, parse_config
+from agentpool.shared.errors import AgentPoolError
+from agentpool.shared.messages import End
+from agentpool.shared.names import Names, replica_id
+from agentpool.shared.settings import Settings
+from agentpool.workers.supervisor import Supervisor
 from tests.conftest import EXAMPLE, PYTHON, subprocess_env, wait_until
-from workers.supervisor import Supervisor
 
 BASE = dict(
     pool="p",

@@ -77,7 +77,7 @@ async def serving(port: int | None = None) -> AsyncIterator[Served]:
     """The test server over streamable HTTP on ``port`` (a free one unless told), in this loop."""
     import uvicorn  # imported here: the stdio child runs this module and needs none of these
 
-    from gateway.server import EmbeddedServer
+    from agentpool.gateway.server import EmbeddedServer
     from tests.conftest import free_port, wait_until
 
     port = port or free_port()

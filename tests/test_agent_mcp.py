@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import End, ToolResult
+from agentpool.shared.messages import End, ToolResult
 from tests.conftest import System, free_port, wait_until
 from tests.mcp_server import serving
 from tests.test_agents import collect, pools

@@ -18,10 +18,10 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
+from agentpool.shared.config import Config, parse_config
+from agentpool.shared.errors import ConfigError, RequestFailed
+from agentpool.shared.messages import Chunk, End, Error, Event, Step, ToolCall, ToolResult
 from agentpool.status import render
-from shared.config import Config, parse_config
-from shared.errors import ConfigError, RequestFailed
-from shared.messages import Chunk, End, Error, Event, Step, ToolCall, ToolResult
 from tests import agents_support
 from tests.conftest import System, wait_until
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from agentpool.broker.client import AgentPoolClient
 from agentpool.fake_llm import FakeLLMSettings, Running, running
-from broker.client import AgentPoolClient
-from shared.config import Config, parse_config
-from shared.errors import Interrupted, RequestFailed, StateConflict
-from shared.messages import End, ToolCall, ToolResult
+from agentpool.shared.config import Config, parse_config
+from agentpool.shared.errors import Interrupted, RequestFailed, StateConflict
+from agentpool.shared.messages import End, ToolCall, ToolResult
 from tests import agents_support
 from tests.conftest import System, cleanup_namespace, running_gateway, wait_until
 from tests.fleet_support import end_process, ready, spawn_supervisor, wait_ready
@@ -217,7 +217,7 @@ async def _fresh(client: AgentPoolClient, exclude: int) -> bool:
 
 
 def test_the_interrupt_event_carries_the_tool_call() -> None:
-    from shared.messages import EVENT_DECODER, EVENT_ENCODER, Interrupt
+    from agentpool.shared.messages import EVENT_DECODER, EVENT_ENCODER, Interrupt
 
     event = Interrupt(
         request_id="r",

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.keys import sha256_hex
+from agentpool.gateway.keys import sha256_hex
 from tests.api_helpers import h, make_key, store, tenant_config
 from tests.conftest import PYTHON, System, running_gateway, subprocess_env, wait_until
 
@@ -203,7 +203,7 @@ key_sha256 = "{hashed}"
 
 
 def test_a_plain_key_in_the_pools_file_is_refused() -> None:
-    from shared.errors import ConfigError
+    from agentpool.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="exactly one of key_sha256 or key_env"):
         tenant_config(extra='[[api_keys]]\ntenant = "ta"\n')

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import parse_config
-from shared.messages import MESSAGE_DECODER, End, Error, Restart, Start
+from agentpool.shared.config import parse_config
+from agentpool.shared.messages import MESSAGE_DECODER, End, Error, Restart, Start
+from agentpool.workers.supervisor import Supervisor
 from tests.conftest import EXAMPLE, System, wait_until
-from workers.supervisor import Supervisor
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from broker.streams import entry_order
-from shared.errors import NotFound
-from shared.messages import Chunk, End, Error, Start
+from agentpool.broker.streams import entry_order
+from agentpool.shared.errors import NotFound
+from agentpool.shared.messages import Chunk, End, Error, Start
 from tests.conftest import System
 
 pytestmark = pytest.mark.timeout(60)

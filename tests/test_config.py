@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import EXAMPLE_CONFIG, load_config, parse_config
-from shared.errors import ConfigError
-from shared.settings import Settings
+from agentpool.shared.config import EXAMPLE_CONFIG, load_config, parse_config
+from agentpool.shared.errors import ConfigError
+from agentpool.shared.settings import Settings
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.timeout(10)

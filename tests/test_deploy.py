@@ -18,8 +18,8 @@ import yaml
 
 from agentpool.cli import _parser as agentpool_parser
 from agentpool.fake_llm import _parser as fake_llm_parser
-from shared.config import Config, load_config, parse_config
-from shared.names import Names, replica_id
+from agentpool.shared.config import Config, load_config, parse_config
+from agentpool.shared.names import Names, replica_id
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/k8s"

@@ -18,17 +18,17 @@ from pathlib import Path
 import pytest
 
 from agentpool.agent import Setup
+from agentpool.shared.config import AgentType, Config, load_config, parse_config
+from agentpool.shared.errors import Interrupted
+from agentpool.shared.fake_model import input_tokens
+from agentpool.shared.messages import Chunk, End, Event, Message, Request, Step, ToolCall, ToolResult
+from agentpool.workers.prompting import default_renderer
+from agentpool.workers.providers.base import Prompt
+from agentpool.workers.tools.functions import load_function_tool
 from examples.sql_agent import agent as sql_agent
 from examples.sql_agent import make_db, tools
 from examples.team import agent as team_agent
-from shared.config import AgentType, Config, load_config, parse_config
-from shared.errors import Interrupted
-from shared.fake_model import input_tokens
-from shared.messages import Chunk, End, Event, Message, Request, Step, ToolCall, ToolResult
 from tests.conftest import System, wait_until
-from workers.prompting import default_renderer
-from workers.providers.base import Prompt
-from workers.tools.functions import load_function_tool
 
 pytestmark = pytest.mark.timeout(60)
 

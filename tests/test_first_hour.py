@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.keys import KeyStore
-from shared.config import parse_config
-from shared.errors import BadRequest, ConfigError
-from shared.names import Names
-from shared.settings import Settings
+from agentpool.gateway.keys import KeyStore
+from agentpool.shared.config import parse_config
+from agentpool.shared.errors import BadRequest, ConfigError
+from agentpool.shared.names import Names
+from agentpool.shared.settings import Settings
 from tests.conftest import (
     PYTHON,
     System,

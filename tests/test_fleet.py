@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.leases import RETIRING, Leases
-from shared.errors import Unavailable
-from shared.messages import End
-from shared.names import Names
+from agentpool.broker.leases import RETIRING, Leases
+from agentpool.shared.errors import Unavailable
+from agentpool.shared.messages import End
+from agentpool.shared.names import Names
 from tests.conftest import PYTHON, System, running_gateway, subprocess_env, wait_until
 from tests.fleet_support import (
     Load,

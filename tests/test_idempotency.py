@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from gateway.idempotency import IDEM_TTL_S
+from agentpool.gateway.idempotency import IDEM_TTL_S
 from tests.api_helpers import h, make_key, receiver, tenant_config
 from tests.conftest import System, running_gateway, wait_until
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.messages import Start
+from agentpool.shared.messages import Start
 from tests.conftest import PYTHON, System, make_config, subprocess_env, wait_until
 
 pytestmark = pytest.mark.timeout(90)

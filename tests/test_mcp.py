@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from shared.config import McpServer
+from agentpool.shared.config import McpServer
+from agentpool.workers.tools.base import Tool, ToolFailure, ToolSourceError
+from agentpool.workers.tools.mcp import McpHttpServer, McpStdioServer, build_mcp_source
 from tests.conftest import free_port, wait_until
 from tests.mcp_server import Served, serving
-from workers.tools.base import Tool, ToolFailure, ToolSourceError
-from workers.tools.mcp import McpHttpServer, McpStdioServer, build_mcp_source
 
 STDIO = ["python", "-m", "tests.mcp_server"]
 TOOLS = {"add", "echo", "slow", "fail", "getenv", "pid"}

@@ -22,13 +22,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics
-from shared.config import parse_config
-from shared.errors import ConfigError
-from shared.settings import Settings
+from agentpool.shared import metrics
+from agentpool.shared.config import parse_config
+from agentpool.shared.errors import ConfigError
+from agentpool.shared.settings import Settings
+from agentpool.workers.fleet_metrics import FleetMetrics
+from agentpool.workers.supervisor import Supervisor
 from tests.conftest import RUN, System, make_config, running_gateway, wait_until
-from workers.fleet_metrics import FleetMetrics
-from workers.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -310,7 +310,7 @@ async def test_log_lines_and_start_event_carry_trace(make_system, caplog: pytest
 
 
 async def test_metrics_can_be_switched_off() -> None:
-    from gateway.app import create_app
+    from agentpool.gateway.app import create_app
 
     app = create_app(Settings(), make_config())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from agentpool.fake_llm import FakeLLMSettings, running
-from shared.config import load_config, parse_config
-from shared.messages import Chunk, End
+from agentpool.shared.config import load_config, parse_config
+from agentpool.shared.messages import Chunk, End
 from tests.conftest import System, wait_until
 
 pytestmark = pytest.mark.timeout(90)

@@ -17,12 +17,12 @@ import pytest
 import pytest_asyncio
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
-from shared.errors import ProviderError
-from shared.fake_model import count_tokens, fake_tokens
-from shared.messages import Message, Usage
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.fake_model import count_tokens, fake_tokens
+from agentpool.shared.messages import Message, Usage
+from agentpool.workers.providers.base import Prompt, Provider, Reply
+from agentpool.workers.providers.retry import BACKOFF_CAP_S, backoff_s, generate_with_retries
 from tests.conftest import FAKE_KEY_ENV, free_port, wait_until
-from workers.providers.base import Prompt, Provider, Reply
-from workers.providers.retry import BACKOFF_CAP_S, backoff_s, generate_with_retries
 
 KEY = "sk-fake-test"
 KEY_ENV = FAKE_KEY_ENV

@@ -12,16 +12,16 @@ import aio_pika
 import aiormq
 import pytest
 
-from broker.amqp import QueueGone
-from broker.client import AgentPoolClient, Ticket, new_id
-from broker.streams import Subscription
-from shared.errors import Unavailable
-from shared.messages import REQUEST_ENCODER, End, Request, Start
-from shared.names import Names
-from shared.settings import Settings
+from agentpool.broker.amqp import QueueGone
+from agentpool.broker.client import AgentPoolClient, Ticket, new_id
+from agentpool.broker.streams import Subscription
+from agentpool.shared.errors import Unavailable
+from agentpool.shared.messages import REQUEST_ENCODER, End, Request, Start
+from agentpool.shared.names import Names
+from agentpool.shared.settings import Settings
+from agentpool.workers.runtime import ROUTER_GRACE_S
 from tests.conftest import System, make_config, wait_until
 from tests.fleet_support import delete_pool_objects
-from workers.runtime import ROUTER_GRACE_S
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from gateway.ratelimit import RateLimiter
+from agentpool.gateway.ratelimit import RateLimiter
 from tests.api_helpers import h, make_key, tenant_config
 from tests.conftest import System, running_gateway
 

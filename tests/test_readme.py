@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_config
-from shared.settings import Settings
+from agentpool.shared.config import load_config
+from agentpool.shared.settings import Settings
 from tests import readme_check
 from tests.conftest import cleanup_namespace, free_port
 from tests.readme_check import Failure, Rule, blocks, line_matches, mismatch, run_file

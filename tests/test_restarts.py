@@ -16,7 +16,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from shared.errors import AgentPoolError
+from agentpool.shared.errors import AgentPoolError
 from tests.conftest import System, running_gateway, wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]

@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from broker.router import rendezvous_order
+from agentpool.broker.router import rendezvous_order
 from tests.conftest import System
 
 pytestmark = pytest.mark.timeout(90)

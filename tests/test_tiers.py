@@ -7,9 +7,9 @@ import collections
 import httpx
 import pytest
 
-from broker.client import AgentPoolClient
-from broker.router import rendezvous_order
-from shared.errors import Unavailable
+from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.router import rendezvous_order
+from agentpool.shared.errors import Unavailable
 from tests.conftest import System, running_gateway
 
 pytestmark = pytest.mark.timeout(90)

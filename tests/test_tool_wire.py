@@ -1,5 +1,5 @@
 """Tool calling through every model back end: the real SDKs against the fake LLM server, and the
-in-process ``fake`` provider, all answering with :mod:`shared.fake_model`.
+in-process ``fake`` provider, all answering with :mod:`agentpool.shared.fake_model`.
 
 A ``@name {json}`` marker in the user's message makes the fake model call tool ``name``; given the
 results it quotes them; a marker inside a result chains another call. The fake server also answers
@@ -18,12 +18,12 @@ import pytest
 import pytest_asyncio
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
-from shared.fake_model import TOKEN, fake_tokens, markers, respond
-from shared.messages import Message, ToolCall
+from agentpool.shared.fake_model import TOKEN, fake_tokens, markers, respond
+from agentpool.shared.messages import Message, ToolCall
+from agentpool.workers.providers.base import Prompt, Provider, Reply, ToolSpec
+from agentpool.workers.providers.openai import RAW_ARGUMENTS_KEY, parse_arguments
+from agentpool.workers.providers.retry import generate_with_retries
 from tests.conftest import FAKE_KEY_ENV
-from workers.providers.base import Prompt, Provider, Reply, ToolSpec
-from workers.providers.openai import RAW_ARGUMENTS_KEY, parse_arguments
-from workers.providers.retry import generate_with_retries
 
 KEY = "sk-fake-tools"
 KEY_ENV = FAKE_KEY_ENV

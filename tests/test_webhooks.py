@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from shared.config import Config
+from agentpool.shared.config import Config
 from tests.api_helpers import Receiver, receiver, tenant_config
 from tests.conftest import System, running_gateway, wait_until
 

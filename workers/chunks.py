@@ -15,8 +15,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from broker.streams import ReplyStore
-from shared.messages import Chunk, Event, StepEvent
+from agentpool.broker.streams import ReplyStore
+from agentpool.shared.messages import Chunk, Event, StepEvent
 
 Pending = str | StepEvent
 

@@ -14,13 +14,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from broker.fleet import FleetKeys
-from broker.redis_conn import REDIS_ERRORS
-from shared.messages import Request
+from agentpool.broker.fleet import FleetKeys
+from agentpool.broker.redis_conn import REDIS_ERRORS
+from agentpool.shared.messages import Request
 
 if TYPE_CHECKING:
-    from broker.registry import ReplicaInfo
-    from workers.runtime import Worker
+    from agentpool.broker.registry import ReplicaInfo
+    from agentpool.workers.runtime import Worker
 
 log = logging.getLogger("agentpool.worker")
 
@@ -35,9 +35,9 @@ def cold_start_ms(req: Request, info: ReplicaInfo) -> float:
 
 
 def _metrics_hook() -> Callable[[str, float], None] | None:
-    """``shared.metrics.observe_cold_start`` if the metrics module exists and defines it."""
+    """``agentpool.shared.metrics.observe_cold_start`` if the metrics module exists and defines it."""
     try:
-        metrics = importlib.import_module("shared.metrics")
+        metrics = importlib.import_module("agentpool.shared.metrics")
     except ImportError:
         return None
     hook = getattr(metrics, "observe_cold_start", None)

@@ -15,7 +15,7 @@ import tempfile
 
 from prometheus_client import multiprocess
 
-from shared import metrics
+from agentpool.shared import metrics
 
 log = logging.getLogger("agentpool.supervisor")
 

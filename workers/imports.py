@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from shared.errors import ConfigError
+from agentpool.shared.errors import ConfigError
 
 
 def import_object(path: str, what: str) -> object:

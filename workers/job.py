@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, TypedDict
 
 import msgspec
 
-from broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED, BEGIN_WAITING, Paused
-from shared.errors import ProviderError
-from shared.messages import (
+from agentpool.broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED, BEGIN_WAITING, Paused
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import (
     MESSAGE_DECODER,
     MESSAGE_ENCODER,
     Chunk,
@@ -31,14 +31,14 @@ from shared.messages import (
     Timings,
     Usage,
 )
-from workers import coldstart
-from workers.agents.api import Turn
-from workers.agents.loop import AgentFailed, Decision, LoopState, NeedsApproval
-from workers.chunks import ChunkWriter
-from workers.transcript import Transcript, clean_history
+from agentpool.workers import coldstart
+from agentpool.workers.agents.api import Turn
+from agentpool.workers.agents.loop import AgentFailed, Decision, LoopState, NeedsApproval
+from agentpool.workers.chunks import ChunkWriter
+from agentpool.workers.transcript import Transcript, clean_history
 
 if TYPE_CHECKING:
-    from workers.runtime import Worker
+    from agentpool.workers.runtime import Worker
 
 log = logging.getLogger("agentpool.worker")
 

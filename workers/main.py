@@ -13,12 +13,12 @@ import sys
 
 import uvloop
 
-from shared import metrics
-from shared.config import Config
-from shared.settings import Settings
-from workers.providers import preload
-from workers.runtime import DRAIN_TIMEOUT_S, Worker
-from workers.slots import replica_slot
+from agentpool.shared import metrics
+from agentpool.shared.config import Config
+from agentpool.shared.settings import Settings
+from agentpool.workers.providers import preload
+from agentpool.workers.runtime import DRAIN_TIMEOUT_S, Worker
+from agentpool.workers.slots import replica_slot
 
 log = logging.getLogger("agentpool.worker")
 
@@ -79,7 +79,7 @@ def run_standby(settings: Settings, config: Config, drain_timeout_s: float = DRA
     for kind in kinds:
         preload(kind)
     if any(at.mcp_servers for at in config.agent_types.values()):
-        import workers.tools.mcp  # noqa: F401  # the mcp SDK, for a replica that connects servers
+        import agentpool.workers.tools.mcp  # noqa: F401  # the mcp SDK, for a replica that connects servers
     log.debug("standby ready: the runtime and the %s providers are imported", ", ".join(kinds))
     line = sys.stdin.readline()
     if not line.strip():

@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from shared.names import replica_id
-from shared.settings import Settings
+from agentpool.shared.names import replica_id
+from agentpool.shared.settings import Settings
 
 log = logging.getLogger("agentpool.supervisor")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shared.config import PROMPT_VARIABLE, AgentType
-from shared.errors import ConfigError
-from shared.messages import Message, Request
-from workers.imports import import_object
-from workers.providers.base import Prompt
+from agentpool.shared.config import PROMPT_VARIABLE, AgentType
+from agentpool.shared.errors import ConfigError
+from agentpool.shared.messages import Message, Request
+from agentpool.workers.imports import import_object
+from agentpool.workers.providers.base import Prompt
 
 Renderer = Callable[[AgentType, Request, list[Message]], Prompt]
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared import metrics
-from shared.errors import ProviderError
-from shared.messages import Timings, ToolResult, Usage
-from workers.job import Outcome
+from agentpool.shared import metrics
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import Timings, ToolResult, Usage
+from agentpool.workers.job import Outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.fleet import PoolSnapshot
-from workers import procs
-from workers.procs import Replica
+from agentpool.broker.fleet import PoolSnapshot
+from agentpool.workers import procs
+from agentpool.workers.procs import Replica
 
 if TYPE_CHECKING:
-    from workers.supervisor import Supervisor
+    from agentpool.workers.supervisor import Supervisor
 
 log = logging.getLogger("agentpool.supervisor")
 

@@ -1,7 +1,7 @@
 """A warm replica: connects, warms its provider, heartbeats, consumes, and drains on stop.
 
 ``Worker.async_run(stop)`` is the entry tests drive; signal handling lives in the runner
-(:mod:`workers.main`). Lifecycle: ``starting`` (connect, declare, warm) -> ``ready`` (consuming
+(:mod:`agentpool.workers.main`). Lifecycle: ``starting`` (connect, declare, warm) -> ``ready`` (consuming
 its own queue and the pool's shared queue, prefetch = concurrency shared across both) ->
 ``draining`` (consumers cancelled, in-flight work finishes until the deadline, the rest is
 nacked back) -> deregistered -> its own queue deleted once empty (requests still in it dead-letter
@@ -26,26 +26,26 @@ import aiormq
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from broker import topology
-from broker.amqp import Amqp
-from broker.client import MEMBERSHIP_REFRESH_S
-from broker.redis_conn import REDIS_ERRORS, connect
-from broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
-from broker.streams import ReplyStore
-from shared.config import Config
-from shared.errors import ConfigError, ProviderError
-from shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request
-from shared.names import Names, replica_id
-from shared.settings import Settings
-from shared.tasks import cancel_and_wait
-from workers.agents import LLM, OpenedAgent, open_agent
-from workers.agents.loop import ToolBox
-from workers.agents.python import FactoryFailed
-from workers.job import Outcome, log_fields, run_job
-from workers.prompting import Renderer, default_renderer, load_renderer
-from workers.providers import build_provider
-from workers.replica_metrics import ReplicaMetrics
-from workers.tools.base import ToolSourceError
+from agentpool.broker import topology
+from agentpool.broker.amqp import Amqp
+from agentpool.broker.client import MEMBERSHIP_REFRESH_S
+from agentpool.broker.redis_conn import REDIS_ERRORS, connect
+from agentpool.broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
+from agentpool.broker.streams import ReplyStore
+from agentpool.shared.config import Config
+from agentpool.shared.errors import ConfigError, ProviderError
+from agentpool.shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request
+from agentpool.shared.names import Names, replica_id
+from agentpool.shared.settings import Settings
+from agentpool.shared.tasks import cancel_and_wait
+from agentpool.workers.agents import LLM, OpenedAgent, open_agent
+from agentpool.workers.agents.loop import ToolBox
+from agentpool.workers.agents.python import FactoryFailed
+from agentpool.workers.job import Outcome, log_fields, run_job
+from agentpool.workers.prompting import Renderer, default_renderer, load_renderer
+from agentpool.workers.providers import build_provider
+from agentpool.workers.replica_metrics import ReplicaMetrics
+from agentpool.workers.tools.base import ToolSourceError
 
 log = logging.getLogger("agentpool.worker")
 

@@ -18,14 +18,14 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from broker import tenants
-from broker.leases import MAX_SLOTS, Leases, new_owner_id
-from broker.redis_conn import REDIS_ERRORS, connect, translated
-from shared.config import Config
-from shared.errors import ConfigError, Unavailable
-from shared.names import Names
-from shared.settings import Settings
-from shared.tasks import cancel_and_wait
+from agentpool.broker import tenants
+from agentpool.broker.leases import MAX_SLOTS, Leases, new_owner_id
+from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
+from agentpool.shared.config import Config
+from agentpool.shared.errors import ConfigError, Unavailable
+from agentpool.shared.names import Names
+from agentpool.shared.settings import Settings
+from agentpool.shared.tasks import cancel_and_wait
 
 log = logging.getLogger("agentpool.worker")
 

@@ -23,18 +23,18 @@ import logging
 import math
 import time
 
-from broker import tenants
-from broker.fleet import Fleet, PoolSnapshot
-from broker.leases import RETIRING, Leases, Peers, new_owner_id
-from broker.redis_conn import REDIS_ERRORS, connect
-from shared.config import Config
-from shared.errors import Unavailable
-from shared.names import Names, replica_id
-from shared.settings import Settings
-from shared.tasks import cancel_and_wait
-from workers import procs, rolling
-from workers.fleet_metrics import FleetMetrics
-from workers.procs import Replica
+from agentpool.broker import tenants
+from agentpool.broker.fleet import Fleet, PoolSnapshot
+from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id
+from agentpool.broker.redis_conn import REDIS_ERRORS, connect
+from agentpool.shared.config import Config
+from agentpool.shared.errors import Unavailable
+from agentpool.shared.names import Names, replica_id
+from agentpool.shared.settings import Settings
+from agentpool.shared.tasks import cancel_and_wait
+from agentpool.workers import procs, rolling
+from agentpool.workers.fleet_metrics import FleetMetrics
+from agentpool.workers.procs import Replica
 
 log = logging.getLogger("agentpool.supervisor")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shared.messages import Message, StepEvent, ToolCall, ToolResult
+from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolResult
 
 
 class Transcript:

@@ -11,11 +11,11 @@ import functools
 import random
 from typing import Any
 
+from agentpool.shared.config import AgentType
+from agentpool.shared.messages import Message, Request
+from agentpool.workers.prompting import default_renderer
+from agentpool.workers.providers.base import Prompt
 from examples.sql_agent import tools
-from shared.config import AgentType
-from shared.messages import Message, Request
-from workers.prompting import default_renderer
-from workers.providers.base import Prompt
 
 SCHEMA_HEADING = "Tables of the shop database (SQLite, read-only), in no particular order:"
 

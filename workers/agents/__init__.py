@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.config import AgentType
-from shared.messages import ToolResult
-from workers.agents.api import Setup
-from workers.agents.base import Context, Runner
-from workers.agents.chat import ChatRunner
-from workers.agents.llm import LLM
-from workers.agents.loop import ToolBox
-from workers.agents.python import PythonRunner
-from workers.tools import ToolSet, open_tools
+from agentpool.shared.config import AgentType
+from agentpool.shared.messages import ToolResult
+from agentpool.workers.agents.api import Setup
+from agentpool.workers.agents.base import Context, Runner
+from agentpool.workers.agents.chat import ChatRunner
+from agentpool.workers.agents.llm import LLM
+from agentpool.workers.agents.loop import ToolBox
+from agentpool.workers.agents.python import PythonRunner
+from agentpool.workers.tools import ToolSet, open_tools
 
 _KINDS: dict[str, type[Runner]] = {"chat": ChatRunner, "python": PythonRunner}
 

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from shared.config import AgentType
-from shared.messages import Message, StepEvent, ToolCall, ToolResult
-from workers.agents.llm import LLM
-from workers.agents.loop import ToolBox, tool_loop
-from workers.tools.base import Tool
+from agentpool.shared.config import AgentType
+from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolResult
+from agentpool.workers.agents.llm import LLM
+from agentpool.workers.agents.loop import ToolBox, tool_loop
+from agentpool.workers.tools.base import Tool
 
 Item = str | StepEvent  # what a run yields: text, or a ToolCall / ToolResult / Step event
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from workers.agents.api import Setup, Turn
-from workers.agents.loop import AgentFailed, Decision, LoopState, Sink, ToolBox
+from agentpool.workers.agents.api import Setup, Turn
+from agentpool.workers.agents.loop import AgentFailed, Decision, LoopState, Sink, ToolBox
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from workers.agents.api import Turn
-from workers.agents.base import Runner
-from workers.agents.loop import Decision, LoopState, Sink, resume_loop, tool_loop
+from agentpool.workers.agents.api import Turn
+from agentpool.workers.agents.base import Runner
+from agentpool.workers.agents.loop import Decision, LoopState, Sink, resume_loop, tool_loop
 
 
 class ChatRunner(Runner):

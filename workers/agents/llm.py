@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from shared.errors import ProviderError
-from shared.messages import Message, ToolCall, Usage
-from workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec
-from workers.providers.retry import generate_with_retries
-from workers.tools.base import Tool
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.workers.providers.base import Emit, Prompt, Provider, Reply, ToolSpec
+from agentpool.workers.providers.retry import generate_with_retries
+from agentpool.workers.tools.base import Tool
 
 OnRetry = Callable[[ProviderError, int], None]
 _DONE = object()

@@ -17,11 +17,11 @@ from typing import Protocol
 
 import msgspec
 
-from shared.errors import AgentPoolError
-from shared.messages import Message, StepEvent, ToolCall, ToolResult
-from workers.agents.llm import LLM
-from workers.providers.base import ToolSpec
-from workers.tools.base import Tool, ToolFailure
+from agentpool.shared.errors import AgentPoolError
+from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolResult
+from agentpool.workers.agents.llm import LLM
+from agentpool.workers.providers.base import ToolSpec
+from agentpool.workers.tools.base import Tool, ToolFailure
 
 
 class Sink(Protocol):

@@ -11,12 +11,12 @@ import asyncio
 import inspect
 from typing import Any
 
-from shared.errors import ConfigError, ProviderError
-from shared.messages import Step, ToolCall, ToolResult
-from workers.agents.api import Turn
-from workers.agents.base import Runner
-from workers.agents.loop import AgentFailed, Sink
-from workers.imports import import_object
+from agentpool.shared.errors import ConfigError, ProviderError
+from agentpool.shared.messages import Step, ToolCall, ToolResult
+from agentpool.workers.agents.api import Turn
+from agentpool.workers.agents.base import Runner
+from agentpool.workers.agents.loop import AgentFailed, Sink
+from agentpool.workers.imports import import_object
 
 
 class FactoryFailed(Exception):

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import importlib
 
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
-from workers.providers.base import Provider
+from agentpool.shared.config import AgentType
+from agentpool.shared.config import Provider as ProviderConfig
+from agentpool.workers.providers.base import Provider
 
 _MODULES = {
-    "fake": "workers.providers.fake:FakeProvider",
-    "anthropic": "workers.providers.anthropic:AnthropicProvider",
-    "openai": "workers.providers.openai:OpenAIProvider",
+    "fake": "agentpool.workers.providers.fake:FakeProvider",
+    "anthropic": "agentpool.workers.providers.anthropic:AnthropicProvider",
+    "openai": "agentpool.workers.providers.openai:OpenAIProvider",
 }
 
 

@@ -4,10 +4,10 @@ Text streams through ``emit`` as the model writes it; usage and the tool calls (
 blocks, their input put together by the SDK) come from the final message. In the history an
 assistant message's tool calls follow its text as ``tool_use`` blocks, and consecutive tool results
 go back as one user message of ``tool_result`` blocks, as the API wants them. SDK
-retries are off because retrying is the caller's call (:mod:`workers.providers.retry`), made only
+retries are off because retrying is the caller's call (:mod:`agentpool.workers.providers.retry`), made only
 while nothing was emitted. SDK 2.x speaks API version 2026-10-21, which refuses sampling
 parameters, so an agent type on this provider that sets ``temperature`` or ``top_p`` is refused
-when the pools file loads (``shared.config.SAMPLING``), never silently dropped.
+when the pools file loads (``agentpool.shared.config.SAMPLING``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from anthropic.types import (
 )
 from anthropic.types import Message as SdkMessage
 
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
-from shared.errors import ProviderError
-from shared.messages import Message, ToolCall, Usage
-from workers.providers.base import (
+from agentpool.shared.config import AgentType
+from agentpool.shared.config import Provider as ProviderConfig
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.workers.providers.base import (
     Emit,
     Prompt,
     Provider,

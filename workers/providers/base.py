@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
-from shared.errors import ProviderError
-from shared.messages import Message, ToolCall, Usage
+from agentpool.shared.config import AgentType
+from agentpool.shared.config import Provider as ProviderConfig
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import Message, ToolCall, Usage
 
 
 class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):

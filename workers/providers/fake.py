@@ -1,7 +1,7 @@
-"""The built-in fake model as a provider: :mod:`shared.fake_model`'s answers, with shaped timing.
+"""The built-in fake model as a provider: :mod:`agentpool.shared.fake_model`'s answers, with shaped timing.
 
 Text streams token by token after ``ttft_ms``, at ``tokens_per_s``; tool calls (asked for with
-``@name {json}`` markers, see :mod:`shared.fake_model`) come back after ``ttft_ms`` with no text.
+``@name {json}`` markers, see :mod:`agentpool.shared.fake_model`) come back after ``ttft_ms`` with no text.
 The fake LLM server (``agentpool fake-llm``) answers with the same model.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from shared.fake_model import WORDS, count_tokens, fake_tokens, input_tokens, respond
-from shared.messages import Usage
-from workers.providers.base import Emit, Prompt, Provider, Reply
+from agentpool.shared.fake_model import WORDS, count_tokens, fake_tokens, input_tokens, respond
+from agentpool.shared.messages import Usage
+from agentpool.workers.providers.base import Emit, Prompt, Provider, Reply
 
 __all__ = ["WORDS", "FakeProvider", "count_tokens", "fake_tokens"]
 

@@ -6,7 +6,7 @@ streams are put together by index and their JSON arguments parsed. Arguments tha
 object are kept as written under :data:`RAW_ARGUMENTS_KEY` (``{"_raw_arguments": "..."}``), so the
 tool refuses them as invalid and the step shows what the model wrote; sent back in the history,
 they go as they came. SDK retries are off because retrying is the caller's call
-(:mod:`workers.providers.retry`), made only while nothing was emitted. The reply length is capped
+(:mod:`agentpool.workers.providers.retry`), made only while nothing was emitted. The reply length is capped
 with ``max_completion_tokens``, which replaced the deprecated ``max_tokens``.
 """
 
@@ -32,11 +32,11 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 from openai.types.shared_params import FunctionDefinition
 
-from shared.config import AgentType
-from shared.config import Provider as ProviderConfig
-from shared.errors import ProviderError
-from shared.messages import Message, ToolCall, Usage
-from workers.providers.base import (
+from agentpool.shared.config import AgentType
+from agentpool.shared.config import Provider as ProviderConfig
+from agentpool.shared.errors import ProviderError
+from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.workers.providers.base import (
     Emit,
     Prompt,
     Provider,

@@ -10,8 +10,8 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 
-from shared.errors import ProviderError
-from workers.providers.base import Emit, Prompt, Provider, Reply
+from agentpool.shared.errors import ProviderError
+from agentpool.workers.providers.base import Emit, Prompt, Provider, Reply
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0

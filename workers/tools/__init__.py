@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shared.config import AgentType
-from shared.errors import ConfigError
-from workers.tools.base import Tool, ToolSource, ToolSourceError
-from workers.tools.functions import load_function_tool
+from agentpool.shared.config import AgentType
+from agentpool.shared.errors import ConfigError
+from agentpool.workers.tools.base import Tool, ToolSource, ToolSourceError
+from agentpool.workers.tools.functions import load_function_tool
 
 
 @dataclass
@@ -30,7 +30,7 @@ async def open_tools(agent_type: AgentType) -> ToolSet:
     out = ToolSet([load_function_tool(path) for path in agent_type.tools])
     try:
         if agent_type.mcp_servers:
-            from workers.tools.mcp import build_mcp_source
+            from agentpool.workers.tools.mcp import build_mcp_source
 
             for server in agent_type.mcp_servers:
                 source = build_mcp_source(server)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from workers.providers.base import ToolSpec
+from agentpool.workers.providers.base import ToolSpec
 
 DEFAULT_TOOL_TIMEOUT_S = 30.0
 

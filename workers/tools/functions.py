@@ -15,10 +15,10 @@ from typing import Any
 
 import msgspec
 
-from shared.errors import ConfigError
-from workers.imports import import_object
-from workers.tools.base import Tool, ToolFailure
-from workers.tools.schema import function_schema
+from agentpool.shared.errors import ConfigError
+from agentpool.workers.imports import import_object
+from agentpool.workers.tools.base import Tool, ToolFailure
+from agentpool.workers.tools.schema import function_schema
 
 TOOL_ATTR = "__agentpool_tool__"  # set by agentpool.agent.tool: {"name": ..., "timeout_s": ...}
 _JSON = msgspec.json.Encoder()

@@ -36,9 +36,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 
-from shared.config import McpServer
-from workers.providers.base import ToolSpec
-from workers.tools.base import Tool, ToolFailure, ToolSource, ToolSourceError
+from agentpool.shared.config import McpServer
+from agentpool.workers.providers.base import ToolSpec
+from agentpool.workers.tools.base import Tool, ToolFailure, ToolSource, ToolSourceError
 
 log = logging.getLogger(__name__)
 

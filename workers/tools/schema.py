@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from shared.errors import ConfigError
-from workers.providers.base import ToolSpec
+from agentpool.shared.errors import ConfigError
+from agentpool.workers.providers.base import ToolSpec
 
 _SECTION = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")  # Google style: "Args:", "Returns:", ...
 _ARG_SECTIONS = frozenset({"args", "arguments", "parameters"})
