@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import time
@@ -31,7 +32,7 @@ from agentpool.broker.registry import Registry
 from agentpool.broker.router import Router
 from agentpool.broker.streams import ReplyReader, ReplyStore, Subscription
 from agentpool.shared import metrics
-from agentpool.shared.config import Config, Pool, load_config
+from agentpool.shared.config import SAMPLING, Config, Pool, load_config
 from agentpool.shared.errors import (
     AgentPoolError,
     BadRequest,
@@ -45,6 +46,7 @@ from agentpool.shared.messages import (
     EVENT_DECODER,
     FINAL_TYPES,
     REQUEST_ENCODER,
+    Chat,
     End,
     Error,
     Event,
@@ -79,6 +81,14 @@ class Ticket:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def conversation_key(chat: Chat) -> str:
+    """A stateless conversation's routing key: a hash of the caller's system text and its first
+    user message, which every later call of the conversation repeats."""
+    first = next((m.content for m in chat.messages if m.role == "user"), "")
+    digest = hashlib.blake2b(f"{chat.system}\x1f{first}".encode(), digest_size=12).hexdigest()
+    return f"conversation:{digest}"
 
 
 class AgentPoolClient:
@@ -183,8 +193,13 @@ class AgentPoolClient:
         request_id: str | None = None,
         traceparent: str | None = None,
         track: bool = False,
+        chat: Chat | None = None,
     ) -> Ticket:
-        """Route and publish one request; returns once the broker confirmed it."""
+        """Route and publish one request; returns once the broker confirmed it.
+
+        ``chat``: an OpenAI/Anthropic-style call's conversation and options (see
+        :class:`~agentpool.shared.messages.Chat`). A stateless one has no thread: it is routed by a
+        hash of its first messages, so the same conversation keeps going to the same agent."""
         p = self.pool(pool)
         if thread_id is not None and not THREAD_ID.match(thread_id):
             raise BadRequest(
@@ -193,6 +208,11 @@ class AgentPoolClient:
                 details={"field": "thread_id"},
             )
         self._check_variables(pool, p, context_variables or {})
+        route_key = None
+        if chat is not None:
+            self._check_chat(pool, p, chat)
+            if chat.stateless:
+                thread_id, route_key = None, conversation_key(chat)
         tenant = tenant or p.tenant
         if p.per_tenant:
             pool = await self._tenant_pool(pool, tenant, p)
@@ -208,9 +228,31 @@ class AgentPoolClient:
             start_by=now + wait_s,
             context_variables=context_variables or {},
             traceparent=traceparent,
+            chat=chat,
         )
-        replica, tier = await self._publish(req, p, track)
+        replica, tier = await self._publish(req, p, track, route_key)
         return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)
+
+    def _check_chat(self, name: str, p: Pool, chat: Chat) -> None:
+        """A request's own sampling parameters within what every deployment's agent type allows."""
+        for dep in p.deployments:
+            at = self.config.agent_types[dep.agent_type]
+            if chat.max_tokens is not None and chat.max_tokens > at.max_tokens:
+                raise BadRequest(
+                    f"max_tokens {chat.max_tokens} is more than pool {name!r} allows "
+                    f"(agent type {dep.agent_type!r}: max_tokens = {at.max_tokens})",
+                    error_code="VALIDATION_ERROR",
+                    details={"field": "max_tokens", "max": at.max_tokens},
+                )
+            kind = self.config.providers[at.provider].kind
+            for param in ("temperature", "top_p"):
+                if getattr(chat, param) is not None and param not in SAMPLING[kind]:
+                    raise BadRequest(
+                        f"{param}: pool {name!r} (agent type {dep.agent_type!r}) runs on the {kind} "
+                        "provider, whose API refuses sampling parameters; leave it out",
+                        error_code="VALIDATION_ERROR",
+                        details={"field": param},
+                    )
 
     def _check_variables(self, name: str, p: Pool, given: dict[str, str]) -> None:
         """Refuse a request that leaves a ``{VAR}`` of a deployment's system prompt unfilled
@@ -242,12 +284,15 @@ class AgentPoolClient:
         self._tenant_pools[name] = time.monotonic() + min(5.0, p.idle_timeout_s / 4)
         return name
 
-    async def _publish(self, req: Request, pool: Pool, track: bool) -> tuple[str, str]:
-        plan = self.router.plan(req.pool, pool, req.thread_id)
+    async def _publish(
+        self, req: Request, pool: Pool, track: bool, route_key: str | None = None
+    ) -> tuple[str, str]:
+        key = route_key or req.thread_id  # what stickiness follows: the thread, or a conversation
+        plan = self.router.plan(req.pool, pool, key)
         if not plan and not self.router.members(req.pool):
             req.woke = True  # however it goes on, this request waits for its pool to come up
             await self.refresh_membership()  # a replica may have just come up
-            plan = self.router.plan(req.pool, pool, req.thread_id)
+            plan = self.router.plan(req.pool, pool, key)
         headers = {"thread_id": req.thread_id, "tenant": req.tenant}
         full = False
         for replica, tier in plan:

@@ -27,6 +27,7 @@ from agentpool.gateway.urlcheck import check_webhook_url
 from agentpool.gateway.webhooks import Deliverer
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import BadRequest, NotFound, RateLimited
+from agentpool.shared.messages import Chat
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class Admitted:
     body: AskBody
     idem_key: str | None
     rate_headers: dict[str, str] = field(default_factory=dict)
+    chat: Chat | None = None  # an OpenAI/Anthropic-style call (gateway.compat)
 
 
 @dataclass(slots=True)
@@ -58,7 +60,7 @@ async def admit(request: Request) -> Admitted:
     principal = await require(request, "ask")
     name = request.path_params["pool"]
     pool = pool_for(_client(request), principal, name)
-    rate_headers = await _rate_limit(request, principal, name, pool)
+    rate_headers = await rate_limit(request, principal, name, pool)
     body = decode(await read_body(request, MAX_BODY_BYTES), AskBody)
     key = idempotency_key(request)
     check_body(body)
@@ -67,7 +69,7 @@ async def admit(request: Request) -> Admitted:
     return Admitted(principal, name, pool, body, key, rate_headers)
 
 
-async def _rate_limit(request: Request, principal: Principal, name: str, pool: Pool) -> dict[str, str]:
+async def rate_limit(request: Request, principal: Principal, name: str, pool: Pool) -> dict[str, str]:
     client = _client(request)
     limiter: RateLimiter = request.app.state.limiter
     verdict = await limiter.check(limits_for(client.config, client.names, principal, name, pool))
@@ -109,7 +111,7 @@ async def start(request: Request, a: Admitted) -> Started:
             claim = Claim(
                 request_id=rid,
                 thread_id=tid,
-                fingerprint=fingerprint(a.pool_name, a.body),
+                fingerprint=fingerprint(a.pool_name, a.body, a.chat),
                 start_by=start_by,
                 webhook=a.body.webhook_url is not None,
             )
@@ -136,6 +138,7 @@ async def start(request: Request, a: Admitted) -> Started:
             max_wait_s=a.body.max_wait_s,
             context_variables=a.body.context_variables,
             traceparent=request.headers.get("traceparent"),
+            chat=a.chat,
         )
     except BaseException:
         await _undo(request, a, rid)

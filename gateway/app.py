@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
 from agentpool.broker.redis_conn import redis_unavailable
-from agentpool.gateway import admin, external, routes
+from agentpool.gateway import admin, anthropic_compat, external, openai_compat, routes
 from agentpool.gateway.http import error_response
 from agentpool.shared.config import Config, load_config
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
@@ -41,6 +41,10 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics_text, methods=["GET"]),
+            Route("/v1/chat/completions", openai_compat.chat_completions, methods=["POST"]),
+            Route("/v1/messages", anthropic_compat.messages, methods=["POST"]),
+            Route("/v1/models", openai_compat.list_models, methods=["GET"]),
+            Route("/v1/models/{model}", openai_compat.get_model, methods=["GET"]),
             *admin.ROUTES,
             *external.ROUTES,
         ],

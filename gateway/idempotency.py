@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from agentpool.gateway.schemas import AskBody
 from agentpool.shared.errors import BadRequest, Conflict
+from agentpool.shared.messages import Chat
 from agentpool.shared.names import Names
 
 IDEM_TTL_S = 24 * 3600
@@ -55,9 +56,12 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def fingerprint(pool: str, body: AskBody) -> str:
+def fingerprint(pool: str, body: AskBody, chat: Chat | None = None) -> str:
     """Of the decoded body, so key order and whitespace do not make two bodies differ."""
-    return hashlib.sha256(pool.encode() + b"\0" + _CANON.encode(body)).hexdigest()
+    h = hashlib.sha256(pool.encode() + b"\0" + _CANON.encode(body))
+    if chat is not None:
+        h.update(b"\0" + _CANON.encode(chat))
+    return h.hexdigest()
 
 
 class Idempotency:

@@ -166,6 +166,7 @@ STATUS_BY_CODE = {
     "CANCELLED": 499,
     "THREAD_WAITING": 409,
     "NOT_WAITING": 409,
+    "TOOL_NAME_CONFLICT": 400,  # a request's own tool named like one of the agent type's
 }
 
 

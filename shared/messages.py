@@ -32,6 +32,44 @@ class Request(msgspec.Struct, kw_only=True, omit_defaults=True):
     context_variables: dict[str, str] = {}
     traceparent: str | None = None
     resume: Resume | None = None  # continues an interrupted run instead of starting one
+    chat: Chat | None = None  # an OpenAI- or Anthropic-style call: its conversation and options
+
+
+class ToolSpec(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A tool as a model is offered it: name, description, JSON Schema of its arguments object."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolChoice(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Whether the model must call a tool: ``auto``, ``none`` (never), ``required`` (some tool) or
+    ``tool`` (the one named). It binds a run's first model call; ``none`` binds every call."""
+
+    mode: Literal["auto", "none", "required", "tool"] = "auto"
+    name: str = ""
+
+
+class Chat(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a call in the OpenAI or Anthropic format brings beyond ``content``.
+
+    ``messages`` is the conversation as the caller sent it (they send the whole history every
+    time): the worker answers its trailing user or tool messages. On a thread (``stateless`` false)
+    the stored history comes first and only those trailing messages are appended; a thread with no
+    history yet starts from the caller's. ``stateless``: the messages are the whole conversation and
+    nothing is stored. ``tools`` are the caller's own (client-side) tools: when the model calls one
+    the run ends with ``end.tool_calls`` for the caller to run. ``system`` is added after the agent
+    type's system prompt. The sampling fields override the agent type's for this request."""
+
+    messages: list[Message]
+    stateless: bool = False
+    system: str = ""
+    tools: list[ToolSpec] = []
+    tool_choice: ToolChoice | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
 
 
 class Resume(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -120,6 +158,8 @@ class End(msgspec.Struct, tag="end", kw_only=True):
     attempt: int = 1
     steps: list[StepEvent] = []  # tool calls, tool results and custom steps, in order
     resumed_from: str | None = None  # the interrupted request this run continued
+    stop_reason: Literal["end", "max_tokens", "tool_calls"] = "end"  # why the model stopped
+    tool_calls: list[ToolCall] = []  # the caller's own tools the model called (stop_reason tool_calls)
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", kw_only=True):
@@ -153,16 +193,6 @@ EventType = Literal[
 ]
 FINAL_TYPES = frozenset({b"end", b"error", b"interrupt"})
 
-REQUEST_ENCODER = msgspec.msgpack.Encoder()
-REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
-EVENT_ENCODER = msgspec.json.Encoder()
-EVENT_DECODER = msgspec.json.Decoder(Event)
-
-
-def event_fields(event: Event) -> dict[bytes, bytes]:
-    """The stream entry for ``event``: ``{t: type, d: json}``."""
-    return {b"t": type(event).__struct_config__.tag.encode(), b"d": EVENT_ENCODER.encode(event)}  # type: ignore[union-attr]
-
 
 class Message(msgspec.Struct, array_like=True, omit_defaults=True):
     """One message of a conversation: a thread's history entry (``thread:{tenant}:{thread_id}``)
@@ -184,3 +214,14 @@ class Message(msgspec.Struct, array_like=True, omit_defaults=True):
 
 MESSAGE_ENCODER = msgspec.msgpack.Encoder()
 MESSAGE_DECODER = msgspec.msgpack.Decoder(Message)
+
+
+REQUEST_ENCODER = msgspec.msgpack.Encoder()
+REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+EVENT_ENCODER = msgspec.json.Encoder()
+EVENT_DECODER = msgspec.json.Decoder(Event)
+
+
+def event_fields(event: Event) -> dict[bytes, bytes]:
+    """The stream entry for ``event``: ``{t: type, d: json}``."""
+    return {b"t": type(event).__struct_config__.tag.encode(), b"d": EVENT_ENCODER.encode(event)}  # type: ignore[union-attr]

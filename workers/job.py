@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import msgspec
 
@@ -21,6 +21,7 @@ from agentpool.shared.errors import ProviderError
 from agentpool.shared.messages import (
     MESSAGE_DECODER,
     MESSAGE_ENCODER,
+    Chat,
     Chunk,
     End,
     Error,
@@ -29,13 +30,15 @@ from agentpool.shared.messages import (
     Request,
     StepEvent,
     Timings,
+    ToolCall,
     Usage,
 )
 from agentpool.workers import coldstart
 from agentpool.workers.agents.api import Turn
-from agentpool.workers.agents.loop import AgentFailed, Decision, LoopState, NeedsApproval
+from agentpool.workers.agents.loop import AgentFailed, ClientToolCalls, Decision, LoopState, NeedsApproval
 from agentpool.workers.chunks import ChunkWriter
-from agentpool.workers.transcript import Transcript, clean_history
+from agentpool.workers.providers.base import Sampling
+from agentpool.workers.transcript import Transcript, clean_history, split_new
 
 if TYPE_CHECKING:
     from agentpool.workers.runtime import Worker
@@ -124,7 +127,7 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         agent_id=worker.replica_id,
         queue_wait_ms=queue_wait_ms,
         thread_key=thread_key,
-        history_entries=0 if req.resume else worker.agent_type.history_turns * 2,
+        history_entries=0 if req.resume or _stateless(req) else worker.agent_type.history_turns * 2,
         max_attempts=worker.pool.limits.max_attempts,
         redelivered=redelivered,
         traceparent=req.traceparent,
@@ -158,8 +161,12 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
             why = f"request {req.resume.request_id} is not waiting for approval (finished, or expired)"
             await store.finish(_error(req, "NOT_WAITING", why, attempt))
             return Outcome("error", "NOT_WAITING")
-    history = clean_history([MESSAGE_DECODER.decode(m) for m in raw_history])
-    run = _prepare(worker, req, attempt, history, queue_wait_ms, paused)
+    stored = [MESSAGE_DECODER.decode(m) for m in raw_history]
+    try:
+        run = _prepare(worker, req, attempt, stored, queue_wait_ms, paused)
+    except AgentFailed as e:  # the request's own tools clash with the agent type's
+        await store.finish(_error(req, e.error_code, e.message, attempt))
+        return Outcome("error", e.error_code)
     return await _execute(worker, run)
 
 
@@ -179,13 +186,23 @@ def _prepare(
     worker: Worker,
     req: Request,
     attempt: int,
-    history: list[Message],
+    stored: list[Message],
     queue_wait_ms: float,
     paused: PausedRun | None,
 ) -> Run:
     """The turn the agent sees and where its output goes."""
     first = paused.request if paused else req
+    chat = first.chat
+    seed: list[Message] = []
+    if chat is None:
+        history, new = clean_history(stored), [Message("user", req.content)]
+    else:
+        history, new, seed = _conversation(chat, stored)
     prompt = worker.renderer(worker.agent_type, first, history)
+    # The renderer's messages for one new user message; else the caller's tool results go on.
+    single = chat is None or (len(new) == 1 and new[0].role == "user")
+    opening = prompt.messages if single else [*history, *new]
+    box = worker.toolbox.with_client(chat.tools) if chat else worker.toolbox
     turn = Turn(
         request_id=req.request_id,
         content=first.content,
@@ -194,23 +211,68 @@ def _prepare(
         history=history,
         context_variables=first.context_variables,
         deadline=time.time() + worker.agent_type.run_timeout_s,
-        llm=worker.llm.for_request(),
-        system=paused.system if paused else prompt.system,
+        llm=worker.llm.for_request(_sampling(chat)),
+        system=paused.system if paused else _system(prompt.system, chat),
         tools=list(worker.toolbox.tools.values()),
         attempt=attempt,
-        _toolbox=worker.toolbox,
+        _toolbox=box,
         _max_rounds=worker.agent_type.max_tool_rounds,
-        _opening=prompt.messages,
+        _opening=opening,
+        _tool_choice=chat.tool_choice if chat else None,
     )
     writer = ChunkWriter(worker.store, req.request_id, attempt)
     if paused is None:
-        transcript = Transcript([Message("user", req.content)])
+        transcript = Transcript([*seed, *new])
         steps: list[StepEvent] = []
     else:
         transcript = Transcript(paused.transcript)
         steps = list(paused.steps)
     sink = RunSink(writer, transcript, steps)
     return Run(req, attempt, turn, sink, writer, time.monotonic(), queue_wait_ms, paused)
+
+
+def _conversation(chat: Chat, stored: list[Message]) -> tuple[list[Message], list[Message], list[Message]]:
+    """(history, new, seed) of an OpenAI/Anthropic-style call: the history the model sees before the
+    caller's new messages, and what a thread that has no history yet starts with.
+
+    On a thread with history, the stored history comes first (the caller's copy of it may be
+    trimmed or edited; the thread is the record). If the caller's new tool results answer no call
+    of the stored history (its copy went another way), the caller's own conversation is used."""
+    earlier, new = split_new(chat.messages)
+    if not chat.stateless and stored:
+        history = _ending_with(clean_history([*stored, *new]), new)
+        if history is not None:
+            return history, new, []
+    history = _ending_with(clean_history([*earlier, *new]), new)
+    seed = [] if chat.stateless else earlier  # a new thread keeps the history it was started with
+    return (history if history is not None else clean_history(earlier)), new, seed
+
+
+def _ending_with(conversation: list[Message], new: list[Message]) -> list[Message] | None:
+    """The history before ``new``, if ``conversation`` ends with every one of ``new`` (kept by
+    :func:`clean_history`, which drops tool results that answer no call)."""
+    if len(conversation) < len(new) or any(
+        a is not b for a, b in zip(conversation[-len(new) :], new, strict=True)
+    ):
+        return None
+    return conversation[: len(conversation) - len(new)]
+
+
+def _system(agent_system: str, chat: Chat | None) -> str:
+    """The agent type's system prompt, then the caller's own system text (if it sent any)."""
+    if chat is None or not chat.system:
+        return agent_system
+    return f"{agent_system}\n\n{chat.system}" if agent_system else chat.system
+
+
+def _sampling(chat: Chat | None) -> Sampling | None:
+    if chat is None or (chat.temperature is None and chat.top_p is None and chat.max_tokens is None):
+        return None
+    return Sampling(temperature=chat.temperature, top_p=chat.top_p, max_tokens=chat.max_tokens)
+
+
+def _stateless(req: Request) -> bool:
+    return req.chat is not None and req.chat.stateless
 
 
 async def _execute(worker: Worker, run: Run) -> Outcome:
@@ -235,6 +297,8 @@ async def _execute(worker: Worker, run: Run) -> Outcome:
         raise
     except NeedsApproval as e:
         return await _pause(worker, run, e.state)
+    except ClientToolCalls as e:  # the caller runs them; its next request brings the results
+        return await _end(worker, run, e.calls)
     except TimeoutError:
         why = f"the run took longer than run_timeout_s ({worker.agent_type.run_timeout_s:g} s)"
         return await _fail(worker, run, "RUN_TIMEOUT", why)
@@ -251,7 +315,7 @@ async def _execute(worker: Worker, run: Run) -> Outcome:
         return Outcome("error", "INTERNAL")
     finally:
         worker.unwatch_cancel(req.request_id)
-    return await _end(worker, run)
+    return await _end(worker, run, [])
 
 
 async def _agent(worker: Worker, run: Run) -> None:
@@ -321,7 +385,7 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
     return Outcome("interrupt" if won else "duplicate", latency_ms=_total_ms(req))
 
 
-async def _end(worker: Worker, run: Run) -> Outcome:
+async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcome:
     req, writer = run.req, run.writer
     tail = await writer.close_tail()
     now = time.monotonic()
@@ -345,14 +409,17 @@ async def _end(worker: Worker, run: Run) -> Outcome:
         attempt=run.attempt,
         steps=run.sink.steps,
         resumed_from=_resumed_from(req) or None,
+        stop_reason="tool_calls" if client_calls else _stop_reason(run.turn.llm.stop_reason),
+        tool_calls=[ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in client_calls],
     )
     marked = run.paused.first_request_id if run.paused else req.request_id
     run.sink.flush_text()
-    turns = [MESSAGE_ENCODER.encode(m) for m in run.sink.transcript.close(marked)]
+    closed = run.sink.transcript.close(marked, awaiting_calls=bool(client_calls))
+    stateless = _stateless(run.paused.request if run.paused else req)  # a stateless call stores nothing
     won = await worker.store.finish(
         end,
-        thread_key=worker.names.thread(req.tenant, req.thread_id),
-        turns=turns,
+        thread_key="" if stateless else worker.names.thread(req.tenant, req.thread_id),
+        turns=[] if stateless else [MESSAGE_ENCODER.encode(m) for m in closed],
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
         **_resume_ends(worker, req),
     )
@@ -360,6 +427,10 @@ async def _end(worker: Worker, run: Run) -> Outcome:
         await coldstart.record(worker, req.pool, cold_ms)
     extra: dict[str, object] = {"usage": usage, "timings": end.timings}  # for the metrics hook
     return Outcome("end" if won else "duplicate", latency_ms=end.timings.total_ms, extra=extra)
+
+
+def _stop_reason(reason: str) -> Literal["end", "max_tokens"]:
+    return "max_tokens" if reason == "max_tokens" else "end"
 
 
 def _resumed_from(req: Request) -> str:

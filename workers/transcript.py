@@ -46,9 +46,14 @@ class Transcript:
         self._text.clear()
         return text
 
-    def close(self, request_id: str) -> list[Message]:
-        """The messages, ending with the final assistant text; each marked with ``request_id``."""
-        if self._text or not self.messages or self.messages[-1].role != "assistant" or self._open_calls:
+    def close(self, request_id: str, awaiting_calls: bool = False) -> list[Message]:
+        """The messages, ending with the final assistant text; each marked with ``request_id``.
+
+        ``awaiting_calls``: the run ended on tool calls the caller runs (their results come with
+        its next request), so it ends with those calls, not with an empty answer."""
+        if awaiting_calls and not self._text:
+            pass
+        elif self._text or not self.messages or self.messages[-1].role != "assistant" or self._open_calls:
             self.messages.append(Message("assistant", self._flush()))
         for m in self.messages:
             m.request_id = request_id
@@ -77,3 +82,10 @@ def clean_history(messages: list[Message]) -> list[Message]:
             continue
         out.append(m)
     return out
+
+
+def split_new(messages: list[Message]) -> tuple[list[Message], list[Message]]:
+    """A caller's conversation as (earlier, new): new is what follows its last assistant message
+    (the user message, or the results of the caller's tool calls) that this request answers."""
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "assistant"), -1)
+    return messages[: last + 1], messages[last + 1 :]

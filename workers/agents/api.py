@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from agentpool.shared.config import AgentType
-from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolResult
+from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolChoice, ToolResult
 from agentpool.workers.agents.llm import LLM
 from agentpool.workers.agents.loop import ToolBox, tool_loop
 from agentpool.workers.tools.base import Tool
@@ -66,7 +66,8 @@ class Turn:
     attempt: int = 1
     _toolbox: ToolBox | None = field(default=None, repr=False)
     _max_rounds: int = 8
-    _opening: list[Message] | None = field(default=None, repr=False)  # from a prompt_renderer
+    _opening: list[Message] | None = field(default=None, repr=False)  # a prompt_renderer's, a Chat's
+    _tool_choice: ToolChoice | None = field(default=None, repr=False)  # a Chat's
 
     def messages(self) -> list[Message]:
         """History, then this request's user message: what a model call for this turn starts from
@@ -105,6 +106,7 @@ class Turn:
                     system=self.system if system is None else system,
                     messages=conversation,
                     max_rounds=self._max_rounds,
+                    tool_choice=self._tool_choice,
                 )
             finally:
                 queue.put_nowait(None)

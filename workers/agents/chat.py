@@ -13,17 +13,18 @@ class ChatRunner(Runner):
     async def run(self, turn: Turn, sink: Sink) -> None:
         await tool_loop(
             turn.llm,
-            self.ctx.toolbox,
+            turn._toolbox or self.ctx.toolbox,  # with the request's own tools, if it brought any
             sink,
             system=turn.system,
             messages=turn.messages(),
             max_rounds=self.ctx.max_rounds,
+            tool_choice=turn._tool_choice,
         )
 
     async def resume(self, turn: Turn, sink: Sink, state: LoopState, decision: Decision) -> None:
         await resume_loop(
             turn.llm,
-            self.ctx.toolbox,
+            turn._toolbox or self.ctx.toolbox,
             sink,
             system=turn.system,
             state=state,

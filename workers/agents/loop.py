@@ -18,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from agentpool.shared.errors import AgentPoolError
-from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolResult
+from agentpool.shared.messages import Message, StepEvent, ToolCall, ToolChoice, ToolResult
 from agentpool.workers.agents.llm import LLM
 from agentpool.workers.providers.base import ToolSpec
 from agentpool.workers.tools.base import Tool, ToolFailure
@@ -48,12 +48,22 @@ class LoopState(msgspec.Struct, kw_only=True):
     results: list[ToolResult] = []
     pending: list[ToolCall] = []
     round: int = 0
+    client_calls: list[ToolCall] = []  # calls of the caller's own tools in this round: theirs to run
 
 
 class NeedsApproval(Exception):
     def __init__(self, state: LoopState) -> None:
         super().__init__(f"tool call {state.pending[0].name!r} needs approval")
         self.state = state
+
+
+class ClientToolCalls(Exception):
+    """The model called tools the caller brought (``Chat.tools``): the run ends here and the
+    caller runs them; its next request brings the results."""
+
+    def __init__(self, calls: list[ToolCall]) -> None:
+        super().__init__(f"the model called the caller's tools {[c.name for c in calls]}")
+        self.calls = calls
 
 
 class Decision(msgspec.Struct, kw_only=True):
@@ -71,15 +81,42 @@ class ToolBox:
         timeout_s: float,
         approval: Iterable[str] = (),
         on_result: Callable[[ToolResult], None] | None = None,
+        client: Sequence[ToolSpec] = (),
     ) -> None:
         self.tools = {t.name: t for t in tools}
         self.timeout_s = timeout_s
         self.approval = frozenset(approval)
         self.on_result = on_result
-        self.specs: list[ToolSpec] = [t.spec for t in tools]
+        self.client = frozenset(s.name for s in client)  # the caller's tools: offered, never run here
+        self.specs: list[ToolSpec] = [t.spec for t in tools] + list(client)
+        self._client_specs = list(client)
 
     def subset(self, tools: Sequence[Tool]) -> ToolBox:
-        return ToolBox(tools, timeout_s=self.timeout_s, approval=self.approval, on_result=self.on_result)
+        return ToolBox(
+            tools,
+            timeout_s=self.timeout_s,
+            approval=self.approval,
+            on_result=self.on_result,
+            client=self._client_specs,
+        )
+
+    def with_client(self, specs: Sequence[ToolSpec]) -> ToolBox:
+        """This box, also offering the caller's own tools (a name of the agent type's own is refused)."""
+        if not specs:
+            return self
+        clash = sorted({s.name for s in specs} & set(self.tools))
+        if clash:
+            raise AgentFailed(
+                f"the request's tools {clash} have the names of the agent type's own tools; rename them",
+                error_code="TOOL_NAME_CONFLICT",
+            )
+        return ToolBox(
+            list(self.tools.values()),
+            timeout_s=self.timeout_s,
+            approval=self.approval,
+            on_result=self.on_result,
+            client=specs,
+        )
 
     async def run(self, call: ToolCall) -> ToolResult:
         """Run one call; every failure becomes an error result, never an exception (cancel aside)."""
@@ -136,10 +173,16 @@ async def tool_loop(
     messages: list[Message],
     max_rounds: int,
     start_round: int = 0,
+    tool_choice: ToolChoice | None = None,
 ) -> None:
-    """Model call, tools, repeat until the model answers without a tool call."""
+    """Model call, tools, repeat until the model answers without a tool call (or calls one of the
+    caller's own tools: :class:`ClientToolCalls`). ``tool_choice`` binds the first call; ``none``
+    every call."""
     for round_ in itertools.count(start_round):
-        reply = await llm.complete(messages, system=system, tools=tools.specs, on_text=sink.text)
+        choice = tool_choice if round_ == start_round or _never(tool_choice) else None
+        reply = await llm.complete(
+            messages, system=system, tools=tools.specs, on_text=sink.text, tool_choice=choice
+        )
         if not reply.tool_calls:
             return
         if round_ >= max_rounds:
@@ -151,14 +194,22 @@ async def tool_loop(
         for call in calls:
             sink.event(call)
         messages.append(Message("assistant", reply.text, tool_calls=calls))
-        pending = [c for c in calls if c.name in tools.approval]
-        state = LoopState(messages=messages, calls=calls, pending=pending, round=round_)
-        state.results = await tools.run_all([c for c in calls if c.name not in tools.approval])
+        theirs = [c for c in calls if c.name in tools.client]
+        ours = [c for c in calls if c.name not in tools.client]
+        pending = [c for c in ours if c.name in tools.approval]
+        state = LoopState(messages=messages, calls=calls, pending=pending, round=round_, client_calls=theirs)
+        state.results = await tools.run_all([c for c in ours if c.name not in tools.approval])
         for result in state.results:
             sink.event(result)
         if pending:
             raise NeedsApproval(state)
+        if theirs:
+            raise ClientToolCalls(theirs)
         messages.extend(tool_messages(calls, state.results))
+
+
+def _never(choice: ToolChoice | None) -> bool:
+    return choice is not None and choice.mode == "none"
 
 
 async def resume_loop(
@@ -188,6 +239,8 @@ async def resume_loop(
     state.results.append(result)
     if state.pending:
         raise NeedsApproval(state)
+    if state.client_calls:
+        raise ClientToolCalls(state.client_calls)
     state.messages.extend(tool_messages(state.calls, state.results))
     await tool_loop(
         llm,

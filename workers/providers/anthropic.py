@@ -23,6 +23,11 @@ from anthropic.types import (
     AssistantMessageParam,
     MessageParam,
     TextBlockParam,
+    ToolChoiceAnyParam,
+    ToolChoiceAutoParam,
+    ToolChoiceNoneParam,
+    ToolChoiceParam,
+    ToolChoiceToolParam,
     ToolParam,
     ToolResultBlockParam,
     ToolUseBlockParam,
@@ -33,7 +38,7 @@ from anthropic.types import Message as SdkMessage
 from agentpool.shared.config import AgentType
 from agentpool.shared.config import Provider as ProviderConfig
 from agentpool.shared.errors import ProviderError
-from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.shared.messages import Message, ToolCall, ToolChoice, Usage
 from agentpool.workers.providers.base import (
     Emit,
     Prompt,
@@ -98,7 +103,8 @@ class AnthropicProvider(Provider):
                 _messages(prompt.messages if prompt.tools else flatten_tool_steps(prompt.messages))
             ),
             tools=[_tool(t) for t in prompt.tools] or anthropic.omit,
-            max_tokens=self.agent_type.max_tokens,
+            tool_choice=_tool_choice(prompt.tool_choice) if prompt.tools else anthropic.omit,
+            max_tokens=prompt.max_tokens(self.agent_type),
             extra_headers=dict(extra_headers or {}),
         )
         final: SdkMessage | None = None
@@ -123,6 +129,18 @@ class AnthropicProvider(Provider):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _tool_choice(choice: ToolChoice | None) -> ToolChoiceParam | anthropic.Omit:
+    if choice is None:
+        return anthropic.omit
+    if choice.mode == "none":
+        return ToolChoiceNoneParam(type="none")
+    if choice.mode == "required":
+        return ToolChoiceAnyParam(type="any")
+    if choice.mode == "tool":
+        return ToolChoiceToolParam(type="tool", name=choice.name)
+    return ToolChoiceAutoParam(type="auto")
 
 
 def _reply(text: str, final: SdkMessage) -> Reply:

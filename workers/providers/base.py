@@ -17,30 +17,46 @@ import email.utils
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from agentpool.shared.config import AgentType
 from agentpool.shared.config import Provider as ProviderConfig
 from agentpool.shared.errors import ProviderError
-from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.shared.messages import Message, ToolCall, ToolChoice, Usage
+from agentpool.shared.messages import ToolSpec as ToolSpec  # defined with the wire types; at home here too
 
 
-class ToolSpec(msgspec.Struct, kw_only=True, frozen=True):
-    """A tool as a model is offered it: name, description, JSON Schema of its arguments object."""
+class Sampling(msgspec.Struct, kw_only=True, frozen=True):
+    """A request's own sampling parameters (OpenAI/Anthropic-style calls); None: the agent type's."""
 
-    name: str
-    description: str = ""
-    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
 
 
 class Prompt(msgspec.Struct, kw_only=True):
-    """What one model call sees: the rendered system prompt, the conversation so far, the tools."""
+    """What one model call sees: the rendered system prompt, the conversation so far, the tools,
+    and the request's own sampling and tool choice (None: the agent type's, the model's default)."""
 
     system: str
     messages: list[Message]  # history turns, then the new user message (and any tool steps since)
     tools: list[ToolSpec] = []
+    tool_choice: ToolChoice | None = None
+    sampling: Sampling | None = None
+
+    def max_tokens(self, agent_type: AgentType) -> int:
+        given = self.sampling.max_tokens if self.sampling else None
+        return given or agent_type.max_tokens
+
+    def temperature(self, agent_type: AgentType) -> float | None:
+        given = self.sampling.temperature if self.sampling else None
+        return agent_type.temperature if given is None else given
+
+    def top_p(self, agent_type: AgentType) -> float | None:
+        given = self.sampling.top_p if self.sampling else None
+        return agent_type.top_p if given is None else given
 
 
 class Reply(msgspec.Struct, kw_only=True):

@@ -27,9 +27,9 @@ class FakeProvider(Provider):
         answer = respond(
             prompt.system,
             prompt.messages,
-            {t.name for t in prompt.tools},
+            _offered(prompt),
             cfg.reply_tokens,
-            self.agent_type.max_tokens,
+            prompt.max_tokens(self.agent_type),
         )
         if cfg.ttft_ms:
             await asyncio.sleep(cfg.ttft_ms / 1000)
@@ -47,3 +47,14 @@ class FakeProvider(Provider):
             if gap and i:
                 await asyncio.sleep(gap)
             emit(tok)
+
+
+def _offered(prompt: Prompt) -> set[str]:
+    """The tools the fake model may call: ``tool_choice`` none offers none, a named one only it."""
+    names = {t.name for t in prompt.tools}
+    choice = prompt.tool_choice
+    if choice is None:
+        return names
+    if choice.mode == "none":
+        return set()
+    return names & {choice.name} if choice.mode == "tool" else names

@@ -25,7 +25,9 @@ from openai.types.chat import (
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
     ChatCompletionSystemMessageParam,
+    ChatCompletionToolChoiceOptionParam,
     ChatCompletionToolMessageParam,
     ChatCompletionUserMessageParam,
 )
@@ -35,7 +37,7 @@ from openai.types.shared_params import FunctionDefinition
 from agentpool.shared.config import AgentType
 from agentpool.shared.config import Provider as ProviderConfig
 from agentpool.shared.errors import ProviderError
-from agentpool.shared.messages import Message, ToolCall, Usage
+from agentpool.shared.messages import Message, ToolCall, ToolChoice, Usage
 from agentpool.workers.providers.base import (
     Emit,
     Prompt,
@@ -99,9 +101,10 @@ class OpenAIProvider(Provider):
             model=self.model,
             messages=_messages(prompt),
             tools=[_tool(t) for t in prompt.tools] or openai.omit,
-            temperature=_given(self.agent_type.temperature),
-            top_p=_given(self.agent_type.top_p),
-            max_completion_tokens=self.agent_type.max_tokens,
+            tool_choice=_tool_choice(prompt.tool_choice) if prompt.tools else openai.omit,
+            temperature=_given(prompt.temperature(self.agent_type)),
+            top_p=_given(prompt.top_p(self.agent_type)),
+            max_completion_tokens=prompt.max_tokens(self.agent_type),
             stream=True,
             stream_options={"include_usage": True},
             extra_headers=dict(extra_headers or {}),
@@ -171,6 +174,14 @@ class _Reading:
 def _given(value: float | None) -> float | openai.Omit:
     """An agent type's sampling parameter, or not sent at all (the model's default)."""
     return openai.omit if value is None else value
+
+
+def _tool_choice(choice: ToolChoice | None) -> ChatCompletionToolChoiceOptionParam | openai.Omit:
+    if choice is None:
+        return openai.omit
+    if choice.mode == "tool":
+        return ChatCompletionNamedToolChoiceParam(type="function", function={"name": choice.name})
+    return choice.mode
 
 
 def _stop_reason(finish: str, calls: list[ToolCall]) -> Literal["end", "tool_calls", "max_tokens"]:
