@@ -16,8 +16,8 @@ beside it). It prints requests/s, latency to the first content and to the end of
 p99), CPU ms per request, medians over the rounds, the ratios compat/ask, and one JSON line. The
 goal: compat within 10 % of ask in throughput and in gateway CPU per request.
 
-    python bench/compat.py                       # 5 rounds x 1000 requests a side, about 2 min
-    python bench/compat.py --quick               # 2 rounds x 200, a smoke test
+    python bench/compat.py                       # 5 rounds x 3000 requests a side, about 1 min
+    python bench/compat.py --quick               # 2 rounds x 300, a smoke test (~10 s)
     python bench/compat.py --rounds 9 --n 2000 --json /tmp/compat.json
 
 Both sides share one aiohttp load generator in this process and read every body to its end, so
@@ -424,18 +424,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conc", type=int, default=16, help="requests in flight, both sides")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each runs both sides)")
-    ap.add_argument("--n", type=int, default=1000, help="requests per side per round (upper bound)")
-    ap.add_argument("--seconds", type=float, default=10, help="time cap per side per round")
+    ap.add_argument("--n", type=int, default=3000, help="requests per side per round (upper bound)")
+    ap.add_argument("--seconds", type=float, default=15, help="time cap per side per round")
     ap.add_argument("--warmup", type=int, default=200, help="requests per side before the first round")
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--worker-concurrency", type=int, default=16, help="prefetch per replica")
     ap.add_argument("--reply-tokens", type=int, default=24)
     ap.add_argument("--ttft-ms", type=float, default=0)
-    ap.add_argument("--quick", action="store_true", help="2 rounds x 200 requests, 50 warm-up: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="2 rounds x 300 requests, 50 warm-up: a smoke test")
     ap.add_argument("--json", help="also write the per-round results and the summary here")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.n, args.warmup = 2, 200, 50
+        args.rounds, args.n, args.warmup = 2, 300, 50
     args.via = "http"  # what bench/roundtrip.py's start_system and wait_ready read
     t0 = time.monotonic()
     try:

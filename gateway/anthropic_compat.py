@@ -18,19 +18,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from agentpool.gateway import compat
-from agentpool.gateway.http import JSON, decode
+from agentpool.gateway.http import JSON
 from agentpool.shared.errors import AgentPoolError, BadRequest
 from agentpool.shared.messages import Chat, End, Interrupt, Message, ToolCall, ToolChoice, ToolSpec
 
 _JSON = msgspec.json.Encoder()
 
 
-class TextBlock(msgspec.Struct, kw_only=True):
+class AnthropicTextBlock(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
 
 
-class Block(msgspec.Struct, kw_only=True):
+class AnthropicBlock(msgspec.Struct, kw_only=True):
     """A content block of any type; the types agentpool reads are checked in :func:`read_messages`."""
 
     type: str
@@ -39,41 +39,41 @@ class Block(msgspec.Struct, kw_only=True):
     name: str | None = None
     input: dict[str, Any] | None = None
     tool_use_id: str | None = None
-    content: str | list[TextBlock] | None = None
+    content: str | list[AnthropicTextBlock] | None = None
     is_error: bool = False
 
 
-class InMessage(msgspec.Struct, kw_only=True):
+class AnthropicMessage(msgspec.Struct, kw_only=True):
     role: Literal["user", "assistant"]
-    content: str | list[Block]
+    content: str | Annotated[list[AnthropicBlock], msgspec.Meta(min_length=1)]
 
 
-class Tool(msgspec.Struct, kw_only=True):
+class AnthropicTool(msgspec.Struct, kw_only=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: str = ""
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
 
 
-class Choice(msgspec.Struct, kw_only=True):
+class AnthropicToolChoice(msgspec.Struct, kw_only=True):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool = False
 
 
-class Metadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class AnthropicMetadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
 class MessagesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)]
-    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1, max_length=2000)]
-    system: str | list[TextBlock] | None = None
+    messages: Annotated[list[AnthropicMessage], msgspec.Meta(min_length=1, max_length=2000)]
+    system: str | list[AnthropicTextBlock] | None = None
     stream: bool = False
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] = []
-    tool_choice: Choice | None = None
-    metadata: Metadata | None = None
+    tools: Annotated[list[AnthropicTool], msgspec.Meta(max_length=128)] = []
+    tool_choice: AnthropicToolChoice | None = None
+    metadata: AnthropicMetadata | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 
@@ -82,7 +82,7 @@ def _refuse(where: str, why: str) -> BadRequest:
     return BadRequest(f"{where}: {why}", error_code="VALIDATION_ERROR", details={"field": where})
 
 
-def _text_of(blocks: str | list[TextBlock] | None, where: str) -> str:
+def _text_of(blocks: str | list[AnthropicTextBlock] | None, where: str) -> str:
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
     out = []
@@ -93,7 +93,7 @@ def _text_of(blocks: str | list[TextBlock] | None, where: str) -> str:
     return "".join(out)
 
 
-def read_messages(raw: list[InMessage]) -> list[Message]:
+def read_messages(raw: list[AnthropicMessage]) -> list[Message]:
     """Provider-neutral messages: an assistant turn's ``tool_use`` blocks become its tool calls, a
     user turn's ``tool_result`` blocks become tool messages (before the turn's text)."""
     out: list[Message] = []
@@ -139,7 +139,7 @@ def read_messages(raw: list[InMessage]) -> list[Message]:
     return out
 
 
-def _choice(raw: Choice | None) -> ToolChoice | None:
+def _choice(raw: AnthropicToolChoice | None) -> ToolChoice | None:
     if raw is None:
         return None
     if raw.type == "tool":
@@ -305,7 +305,7 @@ class EventWriter:
 async def messages(request: Request) -> Response:
     client = compat.client_of(request)
     principal = await compat.caller(request)
-    body = decode(await compat.body_of(request), MessagesBody)
+    body = await compat.body_of(request, MessagesBody, "Messages")
     thread_id = compat.thread_header(request)
     chat = read_chat(body, thread_id)
     started, admitted = await compat.start(request, principal, body.model, chat, thread_id, body.stream)

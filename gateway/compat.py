@@ -24,7 +24,7 @@ import functools
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import redis.exceptions
@@ -36,7 +36,7 @@ from agentpool.broker.redis_conn import redis_unavailable
 from agentpool.gateway import admission
 from agentpool.gateway.admission import Admitted, Started
 from agentpool.gateway.auth import Principal, pool_for, require
-from agentpool.gateway.http import read_body
+from agentpool.gateway.http import decode, read_body
 from agentpool.gateway.idempotency import idempotency_key
 from agentpool.gateway.schemas import AskBody, ThreadId
 from agentpool.gateway.sse import SSE_HEADERS
@@ -45,6 +45,7 @@ from agentpool.shared.config import Pool
 from agentpool.shared.errors import AgentPoolError, BadRequest, Interrupted, RequestFailed, status_for_code
 from agentpool.shared.messages import Chat, Chunk, End, Error, Interrupt, Message, Restart
 
+T = TypeVar("T")
 MAX_CHAT_BODY_BYTES = 1024 * 1024  # a whole conversation comes with every call
 KEEPALIVE_S = 15.0
 _CHUNK = msgspec.json.Decoder(Chunk)
@@ -98,8 +99,16 @@ async def caller(request: Request) -> Principal:
     return await require(request, "ask")
 
 
-async def body_of(request: Request) -> bytes:
-    return await read_body(request, MAX_CHAT_BODY_BYTES)
+async def body_of(request: Request, type_: type[T], api: str) -> T:
+    """The body as ``type_``; a field of the API that agentpool does not take is named as such."""
+    try:
+        return decode(await read_body(request, MAX_CHAT_BODY_BYTES), type_)
+    except BadRequest as e:
+        field = e.details.get("field", "")
+        if e.message.startswith("Object contains unknown field") and "." not in field and "[" not in field:
+            e.message = f"{field}: not supported by agentpool's {api} endpoint"
+            e.args = (e.message,)
+        raise
 
 
 def thread_header(request: Request) -> str | None:

@@ -21,96 +21,107 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from agentpool.gateway import compat
-from agentpool.gateway.http import JSON, decode
+from agentpool.gateway.http import JSON
 from agentpool.gateway.schemas import ThreadId
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
-from agentpool.shared.messages import Chat, End, Interrupt, Message, ToolCall, ToolChoice, ToolSpec
+from agentpool.shared.messages import (
+    RAW_ARGUMENTS_KEY,
+    Chat,
+    End,
+    Interrupt,
+    Message,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+)
 
 _JSON = msgspec.json.Encoder()
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class TextPart(msgspec.Struct, kw_only=True):
-    type: str
-    text: str | None = None
+class ChatTextPart(msgspec.Struct, kw_only=True):
+    type: Literal["text"]  # images, audio and files are not supported
+    text: str
 
 
-Content = str | list[TextPart] | None
+Content = str | list[ChatTextPart] | None
 
 
-class FunctionCall(msgspec.Struct, kw_only=True):
+class ChatFunctionCall(msgspec.Struct, kw_only=True):
     name: str
     arguments: str = "{}"
 
 
-class AssistantToolCall(msgspec.Struct, kw_only=True):
+class ChatToolCall(msgspec.Struct, kw_only=True):
     id: str
-    function: FunctionCall
+    function: ChatFunctionCall
     type: Literal["function"] = "function"
 
 
-class SystemMessage(msgspec.Struct, tag="system", tag_field="role", kw_only=True):
+class ChatSystemMessage(msgspec.Struct, tag="system", tag_field="role", kw_only=True):
     content: Content
 
 
-class DeveloperMessage(msgspec.Struct, tag="developer", tag_field="role", kw_only=True):
+class ChatDeveloperMessage(msgspec.Struct, tag="developer", tag_field="role", kw_only=True):
     content: Content
 
 
-class UserMessage(msgspec.Struct, tag="user", tag_field="role", kw_only=True):
-    content: Content
+class ChatUserMessage(msgspec.Struct, tag="user", tag_field="role", kw_only=True):
+    content: str | list[ChatTextPart]
 
 
-class AssistantMessage(msgspec.Struct, tag="assistant", tag_field="role", kw_only=True):
+class ChatAssistantMessage(msgspec.Struct, tag="assistant", tag_field="role", kw_only=True):
     content: Content = None
-    tool_calls: list[AssistantToolCall] | None = None
+    tool_calls: list[ChatToolCall] | None = None
 
 
-class ToolMessage(msgspec.Struct, tag="tool", tag_field="role", kw_only=True):
+class ChatToolMessage(msgspec.Struct, tag="tool", tag_field="role", kw_only=True):
     tool_call_id: str
     content: Content
 
 
-AnyMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+AnyMessage = (
+    ChatSystemMessage | ChatDeveloperMessage | ChatUserMessage | ChatAssistantMessage | ChatToolMessage
+)
 
 
-class FunctionDef(msgspec.Struct, kw_only=True):
+class ChatFunction(msgspec.Struct, kw_only=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: str = ""
     parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
 
 
-class FunctionTool(msgspec.Struct, kw_only=True):
+class ChatFunctionTool(msgspec.Struct, kw_only=True):
     type: Literal["function"]
-    function: FunctionDef
+    function: ChatFunction
 
 
-class NamedFunction(msgspec.Struct, kw_only=True):
+class ChatNamedFunction(msgspec.Struct, kw_only=True):
     name: str
 
 
-class NamedChoice(msgspec.Struct, kw_only=True):
+class ChatNamedToolChoice(msgspec.Struct, kw_only=True):
     type: Literal["function"]
-    function: NamedFunction
+    function: ChatNamedFunction
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
+class ChatStreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ChatCompletionBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     messages: Annotated[list[AnyMessage], msgspec.Meta(min_length=1, max_length=2000)]
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: ChatStreamOptions | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
-    n: Annotated[int, msgspec.Meta(ge=1)] = 1
-    tools: Annotated[list[FunctionTool], msgspec.Meta(max_length=128)] = []
-    tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1, description="choices per request: only 1")] = 1
+    tools: Annotated[list[ChatFunctionTool], msgspec.Meta(max_length=128)] = []
+    tool_choice: Literal["auto", "none", "required"] | ChatNamedToolChoice | None = None
     parallel_tool_calls: bool = True
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     metadata: Annotated[
@@ -119,33 +130,28 @@ class ChatBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     store: bool | None = None
 
 
-def _text(content: Content, where: str) -> str:
+def _text(content: Content) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    out = []
-    for i, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise BadRequest(
-                f"{where}.content[{i}]: content parts of type {part.type!r} are not supported (text only)",
-                error_code="VALIDATION_ERROR",
-                details={"field": f"{where}.content[{i}].type"},
-            )
-        out.append(part.text)
-    return "".join(out)
+    return "".join(part.text for part in content)
 
 
-def _arguments(call: AssistantToolCall, where: str) -> dict[str, Any]:
+def _arguments(call: ChatToolCall) -> dict[str, Any]:
+    """A call's arguments; a model's text that is not a JSON object is kept as written, as the
+    OpenAI API keeps it (and sent back to the model that way)."""
+    text = call.function.arguments or "{}"
     try:
-        value = msgspec.json.decode(call.function.arguments or "{}")
+        value = msgspec.json.decode(text)
     except msgspec.DecodeError:
         value = None
-    if not isinstance(value, dict):
-        raise BadRequest(
-            f"{where}: function.arguments must be a JSON object",
-            error_code="VALIDATION_ERROR",
-            details={"field": f"{where}.function.arguments"},
-        )
-    return value
+    return value if isinstance(value, dict) else {RAW_ARGUMENTS_KEY: text}
+
+
+def _arguments_text(call: ToolCall) -> str:
+    raw = call.arguments.get(RAW_ARGUMENTS_KEY)
+    if isinstance(raw, str) and len(call.arguments) == 1:
+        return raw
+    return _JSON.encode(call.arguments).decode()
 
 
 def read_messages(raw: list[AnyMessage]) -> tuple[str, list[Message]]:
@@ -153,40 +159,32 @@ def read_messages(raw: list[AnyMessage]) -> tuple[str, list[Message]]:
     system: list[str] = []
     out: list[Message] = []
     names: dict[str, str] = {}
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if isinstance(m, SystemMessage | DeveloperMessage):
-            system.append(_text(m.content, where))
-        elif isinstance(m, UserMessage):
-            out.append(Message("user", _text(m.content, where)))
-        elif isinstance(m, AssistantMessage):
+    for m in raw:
+        if isinstance(m, ChatSystemMessage | ChatDeveloperMessage):
+            system.append(_text(m.content))
+        elif isinstance(m, ChatUserMessage):
+            out.append(Message("user", _text(m.content)))
+        elif isinstance(m, ChatAssistantMessage):
             calls = [
-                ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c, f"{where}.tool_calls[{j}]"))
-                for j, c in enumerate(m.tool_calls or [])
+                ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c)) for c in m.tool_calls or []
             ]
             names.update((c.id, c.name) for c in calls)
-            out.append(Message("assistant", _text(m.content, where), tool_calls=calls))
+            out.append(Message("assistant", _text(m.content), tool_calls=calls))
         else:
             name = names.get(m.tool_call_id, "")
-            out.append(Message("tool", _text(m.content, where), tool_call_id=m.tool_call_id, name=name))
+            out.append(Message("tool", _text(m.content), tool_call_id=m.tool_call_id, name=name))
     return "\n\n".join(s for s in system if s), out
 
 
-def _choice(raw: Literal["auto", "none", "required"] | NamedChoice | None) -> ToolChoice | None:
+def _choice(raw: Literal["auto", "none", "required"] | ChatNamedToolChoice | None) -> ToolChoice | None:
     if raw is None:
         return None
-    if isinstance(raw, NamedChoice):
+    if isinstance(raw, ChatNamedToolChoice):
         return ToolChoice(mode="tool", name=raw.function.name)
     return ToolChoice(mode=raw)
 
 
-def read_chat(body: ChatBody, thread_id: str | None) -> Chat:
-    if body.n != 1:
-        raise BadRequest(
-            "n: only 1 choice per request is supported",
-            error_code="VALIDATION_ERROR",
-            details={"field": "n"},
-        )
+def read_chat(body: ChatCompletionBody, thread_id: str | None) -> Chat:
     if body.stream_options is not None and not body.stream:
         raise BadRequest(
             "stream_options: only with stream: true",
@@ -219,7 +217,7 @@ def read_chat(body: ChatBody, thread_id: str | None) -> Chat:
     )
 
 
-def _thread_id(request: Request, body: ChatBody) -> str | None:
+def _thread_id(request: Request, body: ChatCompletionBody) -> str | None:
     header = compat.thread_header(request)
     given = body.metadata.get("thread_id")
     if given is not None:
@@ -270,7 +268,7 @@ def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
         {
             "id": c.id,
             "type": "function",
-            "function": {"name": c.name, "arguments": _JSON.encode(c.arguments).decode()},
+            "function": {"name": c.name, "arguments": _arguments_text(c)},
         }
         for c in calls
     ]
@@ -381,7 +379,7 @@ class ChunkWriter:
 async def chat_completions(request: Request) -> Response:
     client = compat.client_of(request)
     principal = await compat.caller(request)
-    body = decode(await compat.body_of(request), ChatBody)
+    body = await compat.body_of(request, ChatCompletionBody, "Chat Completions")
     thread_id = _thread_id(request, body)
     chat = read_chat(body, thread_id)
     started, admitted = await compat.start(request, principal, body.model, chat, thread_id, body.stream)

@@ -13,6 +13,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from agentpool.broker.fleet import Health, PoolStatus
+from agentpool.gateway import admin
+from agentpool.gateway import anthropic_compat as an
+from agentpool.gateway import openai_compat as oa
 from agentpool.gateway import schemas as s
 from agentpool.shared import messages as m
 
@@ -37,6 +41,12 @@ _TYPES = [
     m.End,
     m.Interrupt,
     m.Error,
+    oa.ChatCompletionBody,
+    an.MessagesBody,
+    admin.ScaleBody,
+    admin.PoolSummary,
+    PoolStatus,
+    Health,
 ]  # m.*: SSE event data
 _EVENTS = ("start", "chunk", "restart", "tool_call", "tool_result", "step", "end", "interrupt", "error")
 _EVENT_TYPES = ("Start", "Chunk", "Restart", "ToolCall", "ToolResult", "Step", "End", "Interrupt", "Error")
@@ -238,9 +248,260 @@ _READY = {
 }
 
 
+# --- the OpenAI- and Anthropic-compatible endpoints: each answers (and errs) in its API's shape
+
+_OA_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": _STR,
+                "type": _STR,
+                "param": {"type": ["string", "null"]},
+                "code": _STR,
+            },
+        }
+    },
+}
+_AN_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": _STR, "message": _STR, "code": _STR},
+        },
+    },
+}
+_USAGE_OA = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {k: _INT for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "description": "id is the agentpool request id (GET /v1/requests/{id} answers it too)",
+    "properties": {
+        "id": _STR,
+        "object": {"const": "chat.completion"},
+        "created": _INT,
+        "model": _STR,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": _INT,
+                    "finish_reason": {"enum": ["stop", "length", "tool_calls"]},
+                    "message": {
+                        "type": "object",
+                        "required": ["role"],
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "content": {"type": ["string", "null"]},
+                            "tool_calls": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                },
+            },
+        },
+        "usage": _USAGE_OA,
+        "agentpool": {"type": "object", "description": "Only on a run paused for approval"},
+    },
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+    "description": "id is the agentpool request id (GET /v1/requests/{id} answers it too)",
+    "properties": {
+        "id": _STR,
+        "type": {"const": "message"},
+        "role": {"const": "assistant"},
+        "model": _STR,
+        "content": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+        "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use", "pause_turn"]},
+        "usage": {
+            "type": "object",
+            "required": ["input_tokens", "output_tokens"],
+            "properties": {"input_tokens": _INT, "output_tokens": _INT},
+        },
+    },
+}
+_OA_MODEL = {
+    "type": "object",
+    "required": ["id", "object"],
+    "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
+}
+_AN_MODEL = {
+    "type": "object",
+    "required": ["type", "id"],
+    "properties": {"type": {"const": "model"}, "id": _STR, "display_name": _STR, "created_at": _STR},
+}
+_MODELS = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _OA_MODEL}},
+        },
+        {
+            "type": "object",
+            "required": ["data", "has_more"],
+            "properties": {"data": {"type": "array", "items": _AN_MODEL}, "has_more": {"type": "boolean"}},
+        },
+    ]
+}
+_THREAD_HEADER = {
+    "name": "X-Thread-ID",
+    "in": "header",
+    "required": False,
+    "description": "Use the pool's stored thread (only the new trailing messages are appended); "
+    "without it the call is stateless",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+}
+_SSE_TEXT = {"type": "string", "description": "The API's own stream events, as its SDKs read them"}
+
+
+def _shaped_errors(schema: dict[str, Any], *statuses: int) -> dict[str, Any]:
+    out = {}
+    for c in statuses:
+        entry: dict[str, Any] = {
+            "description": _ERROR_TEXT[c],
+            "content": {"application/json": {"schema": schema}},
+        }
+        headers = {**RATE_HEADERS, **(_RETRY_AFTER if c in (429, 503) else {})}
+        if c not in (401, 403):
+            entry["headers"] = headers
+        out[str(c)] = entry
+    return out
+
+
+def _compat(
+    op: str, summary: str, body: str, answer: dict[str, Any], errors: dict[str, Any]
+) -> dict[str, Any]:
+    headers = {
+        "X-Request-ID": {"schema": _STR},
+        "X-Routing-Tier": _REQUEST_HEADERS["X-Routing-Tier"],
+        **RATE_HEADERS,
+    }
+    return {
+        "post": {
+            "operationId": op,
+            "summary": summary,
+            "parameters": [_THREAD_HEADER],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+            "responses": {
+                "200": {
+                    "description": "The answer, or with stream: true its events (SSE)",
+                    "headers": headers,
+                    "content": {
+                        "application/json": {"schema": answer},
+                        "text/event-stream": {"schema": _SSE_TEXT},
+                    },
+                },
+                **errors,
+            },
+        }
+    }
+
+
+def _models(op: str, summary: str, schema: dict[str, Any], params: list[dict[str, Any]]) -> dict[str, Any]:
+    either = {"oneOf": [_OA_ERROR, _AN_ERROR]}
+    ok = {"description": summary, "content": {"application/json": {"schema": schema}}}
+    return {
+        "get": {
+            "operationId": op,
+            "summary": summary + " (in Anthropic's shape when anthropic-version is sent)",
+            "parameters": params,
+            "responses": {"200": ok, **_shaped_errors(either, 401, 403, *([404] if params else []), 503)},
+        }
+    }
+
+
+def _compat_paths() -> dict[str, Any]:
+    model_param = [{"name": "model", "in": "path", "required": True, "schema": _STR}]
+    statuses = (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504)
+    return {
+        "/v1/chat/completions": _compat(
+            "chatCompletions",
+            "OpenAI Chat Completions; model is a pool",
+            "ChatCompletionBody",
+            _COMPLETION,
+            _shaped_errors(_OA_ERROR, *statuses),
+        ),
+        "/v1/messages": _compat(
+            "messages",
+            "Anthropic Messages; model is a pool",
+            "MessagesBody",
+            _MESSAGE,
+            _shaped_errors(_AN_ERROR, *statuses),
+        ),
+        "/v1/models": _models("listModels", "The pools this key may use, as models", _MODELS, []),
+        "/v1/models/{model}": _models(
+            "getModel", "One pool, as a model", {"oneOf": [_OA_MODEL, _AN_MODEL]}, model_param
+        ),
+    }
+
+
+def _fleet_paths() -> dict[str, Any]:
+    pool = {"name": "pool", "in": "path", "required": True, "schema": _STR}
+    deployment = {"name": "deployment", "in": "path", "required": True, "schema": _STR}
+    pools_list = {
+        "type": "object",
+        "required": ["pools"],
+        "properties": {"pools": {"type": "array", "items": _ref("PoolSummary")}},
+    }
+    scaled = {
+        "type": "object",
+        "required": ["pool", "deployment", "replicas"],
+        "properties": {"pool": _STR, "deployment": _STR, "replicas": _INT},
+    }
+    restarted = {
+        "type": "object",
+        "required": ["pool", "restart_generation"],
+        "properties": {"pool": _STR, "restart_generation": _INT},
+    }
+
+    def op(op_id: str, summary: str, status: str, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
+        return {
+            "operationId": op_id,
+            "summary": summary,
+            "responses": {
+                status: {"description": summary, "content": {"application/json": {"schema": schema}}},
+                **_errors(401, 403, *errors, 503),
+            },
+        }
+
+    scale = op("scaleDeployment", "Set a deployment's desired replicas", "200", scaled, 400, 404, 413)
+    scale["parameters"] = [pool, deployment]
+    scale["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref("ScaleBody")}}}
+    restart = op("restartPool", "Rolling restart, one replica at a time", "202", restarted, 404)
+    restart["parameters"] = [pool]
+    one = op("getPool", "The pool and each of its replicas", "200", _ref("PoolStatus"), 404)
+    one["parameters"] = [pool]
+    return {
+        "/v1/pools": {
+            "get": op("listPools", "The tenant's pools: status, desired vs actual", "200", pools_list)
+        },
+        "/v1/pools/{pool}": {"get": one},
+        "/v1/pools/{pool}/deployments/{deployment}": {"put": scale},
+        "/v1/pools/{pool}/restart": {"post": restart},
+        "/v1/health": {"get": op("health", "Fleet health of the tenant's pools", "200", _ref("Health"))},
+    }
+
+
 def _paths() -> dict[str, Any]:
     key_param = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
+        **_compat_paths(),
+        **_fleet_paths(),
         "/v1/ask/{pool}": _ask(),
         "/v1/requests/{request_id}": _get_request(),
         "/v1/requests/{request_id}/resume": _resume(),

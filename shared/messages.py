@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 WIRE_VERSION = 1
+RAW_ARGUMENTS_KEY = "_raw_arguments"  # a tool call whose arguments are not a JSON object, as written
 
 
 class Request(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -76,12 +76,17 @@ def text_of(message: Message) -> str:
     return "".join(b.text for b in message.content if b.type == "text")
 
 
-async def answer(sdk: anthropic.AsyncAnthropic, stream: bool, **kw: Any) -> Message:
-    """One message, from ``messages.create`` or accumulated by ``messages.stream``."""
+async def answer(sdk: anthropic.AsyncAnthropic, stream: bool, **kw: Any) -> tuple[Message, set[str]]:
+    """One message, from ``messages.create`` or accumulated by ``messages.stream``, and the kinds
+    of content block deltas that carried it (none without a stream)."""
     if not stream:
-        return await sdk.messages.create(model="p", max_tokens=256, **kw)
+        return await sdk.messages.create(model="p", max_tokens=256, **kw), set()
+    deltas = set()
     async with sdk.messages.stream(model="p", max_tokens=256, **kw) as s:
-        return await s.get_final_message()
+        async for event in s:
+            if event.type == "content_block_delta":
+                deltas.add(event.delta.type)
+        return await s.get_final_message(), deltas
 
 
 async def test_create_answers_with_a_text_block_and_is_the_agentpool_request(make_system) -> None:
@@ -169,29 +174,38 @@ async def test_stream_text_pieces_make_the_whole_reply(make_system) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
-async def test_client_side_tool_round_trip(make_system, stream: bool) -> None:
+@pytest.mark.parametrize("thread", [None, "weather-thread"], ids=["stateless", "thread"])
+async def test_client_side_tool_round_trip(make_system, stream: bool, thread: str | None) -> None:
     system: System = await make_system(replicas=1)
+    via: dict[str, Any] = {"extra_headers": {"X-Thread-ID": thread}} if thread else {}
     async with serving(system) as s:
         # When the user's message asks for the offered tool
         history: list[dict[str, Any]] = [user(ASK_WEATHER)]
-        first = await answer(s.sdk, stream, messages=history, tools=[WEATHER])
+        first, deltas = await answer(s.sdk, stream, messages=history, tools=[WEATHER], **via)
         # Then the model calls it, and the client is the one to run it
         assert first.stop_reason == "tool_use", first
         calls = [b for b in first.content if b.type == "tool_use"]
         assert len(calls) == 1
         call = calls[0]
         assert call.id and call.name == "get_weather" and call.input == {"city": "Paris"}
+        if stream:  # the arguments arrive as JSON deltas
+            assert deltas == {"input_json_delta"}, deltas
         # When the client sends the history, the assistant's content and the tool's result
         history += [
             {"role": "assistant", "content": first.content},
             user([{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]),
         ]
-        second = await answer(s.sdk, stream, messages=history, tools=[WEATHER])
+        second, deltas = await answer(s.sdk, stream, messages=history, tools=[WEATHER], **via)
         # Then the answer quotes the result
         assert second.stop_reason == "end_turn", second
         assert "get_weather returned: sunny" in text_of(second)
         assert not [b for b in second.content if b.type == "tool_use"]
-        assert (await s.record(second.id))["content"] == text_of(second)
+        if stream:
+            assert deltas == {"text_delta"}, deltas
+        for done in (first, second):
+            record = await s.record(done.id)
+            assert record["thread_id"] == thread if thread else True
+        assert record["content"] == text_of(second)
 
 
 async def test_a_thread_keeps_earlier_turns(make_system) -> None:

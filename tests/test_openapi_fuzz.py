@@ -48,6 +48,8 @@ CHECKS = [
 def _fuzzable(doc: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(doc)
     doc["components"]["schemas"]["AskBody"]["properties"].pop("webhook_url")
+    for body in ("ChatCompletionBody", "MessagesBody"):  # model names the pool: the real one, mostly
+        doc["components"]["schemas"][body]["properties"]["model"] = {"enum": ["pa", "nope"]}
     return doc
 
 
@@ -140,4 +142,6 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(make_system) ->
     # the real pool and request were reached, and answered in every documented way that matters
     assert counts["POST /v1/ask/{pool} {'pool': 'pa'} positive -> 200"] > 10, counts
     assert counts[f"GET /v1/requests/{{request_id}} {{'request_id': '{rid}'}} positive -> 200"] > 10, counts
+    assert counts["POST /v1/chat/completions positive -> 200"] >= 1, counts  # most are refused: last
+    assert counts["POST /v1/messages positive -> 200"] >= 1, counts  # message not the user's, ...
     assert total >= 500, counts

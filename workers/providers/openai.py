@@ -37,7 +37,7 @@ from openai.types.shared_params import FunctionDefinition
 from agentpool.shared.config import AgentType
 from agentpool.shared.config import Provider as ProviderConfig
 from agentpool.shared.errors import ProviderError
-from agentpool.shared.messages import Message, ToolCall, ToolChoice, Usage
+from agentpool.shared.messages import RAW_ARGUMENTS_KEY, Message, ToolCall, ToolChoice, Usage
 from agentpool.workers.providers.base import (
     Emit,
     Prompt,
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 WARM_TIMEOUT_S = 5.0
 SDK_ERRORS = (openai.OpenAIError, httpx2.HTTPError)  # httpx2: failures while reading a stream
-RAW_ARGUMENTS_KEY = "_raw_arguments"  # a tool call whose arguments are not a JSON object, as written
 _JSON = msgspec.json.Encoder()
 
 
