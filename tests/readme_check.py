@@ -333,7 +333,7 @@ def run_file(
 ) -> Report:
     """Run ``path``'s blocks in order; raise :class:`Failure` naming the line of the first problem.
 
-    ``substitutions`` rewrite the commands first (e.g. the port 8080 to a free one).
+    ``substitutions`` rewrite the commands (and python blocks) first (e.g. the port 8080 to a free one).
     """
     report = Report() if report is None else report
     shell = Shell(cwd, env)
@@ -367,7 +367,10 @@ def run_file(
                 continue
             if block.lang == "python":
                 script = workdir / f"block{n}.py"
-                script.write_text(block.body + "\n", encoding="utf-8")
+                body = block.body
+                for old, new in substitutions.items():  # the same port as the commands use
+                    body = body.replace(old, new)
+                script.write_text(body + "\n", encoding="utf-8")
                 rc, out = shell.run(f"{python} {script}", timeout_s)
                 report.outputs.append((f"{where}: python block", out))
                 _check(where, "the python block", rc, out)

@@ -132,7 +132,7 @@ def test_every_readme_command_runs_as_written(settings: Settings, tmp_path: Path
 
 def test_the_example_scripts_are_the_readme_blocks() -> None:
     bodies = {b.body.strip() for b in blocks(README.read_text(encoding="utf-8")) if b.lang == "python"}
-    for script in ("examples/client.py", "examples/approve.py"):
+    for script in ("examples/client.py", "examples/approve.py", "examples/openai_app.py"):
         assert (ROOT / script).read_text(encoding="utf-8").strip() in bodies, script
 
 
