@@ -234,7 +234,14 @@ class AgentPoolClient:
         return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)
 
     def _check_chat(self, name: str, p: Pool, chat: Chat) -> None:
-        """A request's own sampling parameters within what every deployment's agent type allows."""
+        """A conversation that ends with the caller's turn, and sampling parameters within what every
+        deployment's agent type allows."""
+        if not chat.messages or chat.messages[-1].role == "assistant":
+            raise BadRequest(
+                "the last message must be the user's (or the results of the assistant's tool calls)",
+                error_code="VALIDATION_ERROR",
+                details={"field": "messages"},
+            )
         for dep in p.deployments:
             at = self.config.agent_types[dep.agent_type]
             if chat.max_tokens is not None and chat.max_tokens > at.max_tokens:

@@ -244,13 +244,16 @@ def _conversation(chat: Chat, stored: list[Message]) -> tuple[list[Message], lis
         if history is not None:
             return history, new, []
     history = _ending_with(clean_history([*earlier, *new]), new)
-    seed = [] if chat.stateless else earlier  # a new thread keeps the history it was started with
+    # A new thread keeps the history it was started with; a thread that has one keeps its own.
+    seed = [] if chat.stateless or stored else earlier
     return (history if history is not None else clean_history(earlier)), new, seed
 
 
 def _ending_with(conversation: list[Message], new: list[Message]) -> list[Message] | None:
     """The history before ``new``, if ``conversation`` ends with every one of ``new`` (kept by
     :func:`clean_history`, which drops tool results that answer no call)."""
+    if not new:
+        return conversation
     if len(conversation) < len(new) or any(
         a is not b for a, b in zip(conversation[-len(new) :], new, strict=True)
     ):
