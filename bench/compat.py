@@ -30,6 +30,7 @@ endpoint stops the run with what was sent and what came back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -42,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,6 +80,7 @@ COMPAT_BODY = (
 )
 PREFLIGHT_PROMPT = 10**9  # "bench 1000000000": the same prompt both ways, outside the timed range
 TICK = os.sysconf("SC_CLK_TCK")
+CPU_OF = ("gateway", "workers", "client", "rabbit", "redis", "others")  # where a phase's CPU went
 Timing = tuple[float, float]  # seconds to the first content, to the end of the body
 One = Callable[[int], Awaitable[Timing]]  # one timed request, as bench/roundtrip.py's closed_loop takes
 
@@ -101,15 +104,47 @@ def host_cpu_s() -> tuple[float, float]:
     return (total - j[3] - j[4] - j[7]) / TICK, total / TICK
 
 
-def cpu_now(gateway: int, workers: list[int]) -> dict[str, float]:
-    busy, total = host_cpu_s()
-    return {
-        "gateway": proc_cpu_s(gateway),
-        "workers": sum(proc_cpu_s(p) for p in workers),
-        "client": time.process_time(),
-        "host": busy,
-        "wall": total,
-    }
+def pid_listening(port: int) -> int | None:
+    """The pid listening on TCP ``port``, found by port, not by name (other servers of the kind may run)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for row in itertools.islice(f, 1, None):
+                p = row.split()
+                if p[3] == "0A" and p[1].endswith(f":{port:04X}"):  # 0A: LISTEN
+                    inodes.add(f"socket:[{p[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+    return None
+
+
+class Meters:
+    """What a phase costs: CPU seconds of the gateway, the workers, this process, RabbitMQ, Redis and
+    the whole host (the rest is "others": work on this machine that is not the bench's), and the
+    commands Redis served (server-wide, so another user of this Redis counts too)."""
+
+    def __init__(self, gateway: int, workers: list[int], redis: Any, env: dict[str, str]) -> None:
+        self.gateway, self.workers, self.redis = gateway, workers, redis
+        ports = {"rabbit": (env["AGENTPOOL_AMQP_URL"], 5672), "redis": (env["AGENTPOOL_REDIS_URL"], 6379)}
+        self.services = {k: pid_listening(urlsplit(url).port or port) for k, (url, port) in ports.items()}
+
+    async def now(self) -> dict[str, float]:
+        stats = await self.redis.info("commandstats")
+        busy, total = host_cpu_s()
+        ours = {
+            "gateway": proc_cpu_s(self.gateway),
+            "workers": sum(proc_cpu_s(p) for p in self.workers),
+            "client": time.process_time(),
+        }
+        ours |= {k: proc_cpu_s(pid) if pid else 0.0 for k, pid in self.services.items()}
+        return ours | {
+            "others": busy - sum(ours.values()),
+            "host": busy,
+            "wall": total,
+            "redis_cmds": sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info"),
+        }
 
 
 def describe(sent: bytes, status: int, headers: Any, body: bytes, why: str) -> str:
@@ -263,11 +298,11 @@ async def preflight(session: Any, base: str) -> dict[str, Any]:
     }
 
 
-async def phase(one: One, args: argparse.Namespace, pids: Any) -> dict[str, float]:
-    """One closed-loop run and the CPU every process spent in it, per request."""
-    c0 = cpu_now(*pids)
+async def phase(one: One, args: argparse.Namespace, meters: Meters) -> dict[str, float]:
+    """One closed-loop run and what it cost, per request."""
+    c0 = await meters.now()
     res, elapsed = await closed_loop(args.conc, args.n, args.seconds, one)
-    c1 = cpu_now(*pids)
+    c1 = await meters.now()
     d = {k: c1[k] - c0[k] for k in c0}
     n = len(res)
     first = [r[0] * 1000 for r in res]
@@ -275,12 +310,14 @@ async def phase(one: One, args: argparse.Namespace, pids: Any) -> dict[str, floa
     out = {"n": n, "rps": n / elapsed}
     out |= {"first_p50": pct(first, 50), "first_p99": pct(first, 99)}
     out |= {"last_p50": pct(last, 50), "last_p99": pct(last, 99)}
-    out |= {f"{k}_cpu_ms": 1000 * d[k] / n for k in ("gateway", "workers", "client", "host")}
+    out |= {f"{k}_cpu_ms": 1000 * d[k] / n for k in (*CPU_OF, "host")}
     out["host_busy_pct"] = 100 * d["host"] / d["wall"]
+    out["others_pct"] = 100 * d["others"] / d["wall"]  # of all the host's cores
+    out["redis_cmds"] = d["redis_cmds"] / n
     return out
 
 
-async def measure(args: argparse.Namespace, port: int, pids: Any) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, port: int, meters: Meters) -> dict[str, Any]:
     import aiohttp
 
     base = f"http://127.0.0.1:{port}"
@@ -296,15 +333,27 @@ async def measure(args: argparse.Namespace, port: int, pids: Any) -> dict[str, A
         runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
         for rnd in range(args.rounds):
             for side in SIDES if rnd % 2 == 0 else SIDES[::-1]:
-                r = await phase(ones[side], args, pids)
+                r = await phase(ones[side], args, meters)
                 runs[side].append(r)
                 print(
                     f"round {rnd + 1} {side:>6}: {r['rps']:.0f} req/s, end p50 {r['last_p50']:.2f} ms, "
                     f"p99 {r['last_p99']:.2f} ms, gateway {r['gateway_cpu_ms']:.3f} CPU ms/req, "
-                    f"host {r['host_busy_pct']:.0f} % busy",
+                    f"host {r['host_busy_pct']:.0f} % busy ({r['others_pct']:.0f} % others)",
                     flush=True,
                 )
     return {"preflight": pre, "runs": runs}
+
+
+async def measured(
+    args: argparse.Namespace, env: dict[str, str], port: int, gateway: int, workers: list[int]
+) -> dict[str, Any]:
+    from agentpool.broker.redis_conn import connect
+
+    redis = connect(env["AGENTPOOL_REDIS_URL"])
+    try:
+        return await measure(args, port, Meters(gateway, workers, redis, env))
+    finally:
+        await redis.aclose()
 
 
 def environment(args: argparse.Namespace) -> dict[str, str]:
@@ -338,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gateway, workers = procs[-1], procs[:-1]
     try:
         uvloop.run(wait_ready(env, port, args))
-        return uvloop.run(measure(args, port, (gateway.pid, [p.pid for p in workers])))
+        return uvloop.run(measured(args, env, port, gateway.pid, [p.pid for p in workers]))
     finally:
         for p in procs:
             p.terminate()
@@ -351,7 +400,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 KEYS = ("rps", "first_p50", "first_p99", "last_p50", "last_p99")
-CPU_KEYS = ("gateway_cpu_ms", "workers_cpu_ms", "client_cpu_ms", "host_cpu_ms", "host_busy_pct")
 
 
 def summarize(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -382,23 +430,22 @@ def report(args: argparse.Namespace, result: dict[str, Any], s: dict[str, Any]) 
         f"compat {pre['compat_events']}/{pre['compat_bytes']}"
     )
     print(
-        "| endpoint | req/s | first content p50 / p99 ms | end p50 / p99 ms | CPU ms/req: gateway "
-        "| workers | load generator | host | host busy |"
+        "| endpoint | req/s | first content p50 / p99 ms | end p50 / p99 ms | CPU ms/req: gateway | workers "
+        "| load generator | RabbitMQ | Redis | others | host busy (others) | Redis cmds/req |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side in SIDES:
         m = s["median"][side]
+        cpu = " | ".join(f"{m[f'{k}_cpu_ms']:.3f}" for k in CPU_OF)
         print(
             f"| {side} | {m['rps']:.0f} | {m['first_p50']:.2f} / {m['first_p99']:.2f} | "
-            f"{m['last_p50']:.2f} / {m['last_p99']:.2f} | {m['gateway_cpu_ms']:.3f} | "
-            f"{m['workers_cpu_ms']:.3f} | {m['client_cpu_ms']:.3f} | {m['host_cpu_ms']:.3f} | "
-            f"{m['host_busy_pct']:.0f} % |"
+            f"{m['last_p50']:.2f} / {m['last_p99']:.2f} | {cpu} | {m['host_busy_pct']:.0f} % "
+            f"({m['others_pct']:.0f} %) | {m['redis_cmds']:.1f} |"
         )
     r = s["ratio"]
     print(
         f"| compat/ask | {r['rps']:.3f} | {r['first_p50']:.3f} / {r['first_p99']:.3f} | "
-        f"{r['last_p50']:.3f} / {r['last_p99']:.3f} | {r['gateway_cpu_ms']:.3f} | | | "
-        f"{r['host_cpu_ms']:.3f} | |"
+        f"{r['last_p50']:.3f} / {r['last_p99']:.3f} | {r['gateway_cpu_ms']:.3f} | | | | | | | |"
     )
     lo, hi = s["rps_ratio_range"]
     print(
@@ -407,6 +454,12 @@ def report(args: argparse.Namespace, result: dict[str, Any], s: dict[str, Any]) 
         f"(paired {s['paired_ratio']['gateway_cpu_ms']:.3f}); within 10 %: "
         f"{'yes' if s['within_10pct'] else 'NO'}"
     )
+    others = max(s["median"][side]["others_pct"] for side in SIDES)
+    if others > 10:
+        print(
+            f"note: {others:.0f} % of the host's CPU went to work that is not this bench's (another test "
+            "run?): throughput and latency are noisy; CPU per request of the gateway much less so"
+        )
 
 
 def rounded(x: Any) -> Any:

@@ -198,7 +198,7 @@ class AnthropicShape:
 SHAPE = AnthropicShape()
 
 
-def _stop(final: End | Interrupt) -> str:
+def _stop(final: End | Interrupt | compat.EndView) -> str:
     if isinstance(final, Interrupt):
         return "pause_turn"
     return {"tool_calls": "tool_use", "max_tokens": "max_tokens"}.get(final.stop_reason, "end_turn")
@@ -263,13 +263,13 @@ class EventWriter:
             out = _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         return out + self._DELTA_OPEN + _JSON.encode(text) + b"}}\n\n"
 
-    def _close(self, final: End | Interrupt) -> bytes:
+    def _close(self, final: compat.EndView | Interrupt) -> bytes:
         out = b""
         index = 0
         if self._text_open:
             out += _event("content_block_stop", {"index": 0})
             index = 1
-        calls = final.tool_calls if isinstance(final, End) else []
+        calls = [] if isinstance(final, Interrupt) else final.tool_calls
         for call in calls:
             block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
             out += _event("content_block_start", {"index": index, "content_block": block})
@@ -286,7 +286,7 @@ class EventWriter:
         )
         return out + _event("message_stop", {})
 
-    def end(self, end: End) -> bytes:
+    def end(self, end: compat.EndView) -> bytes:
         return self._close(end)
 
     def interrupt(self, event: Interrupt) -> bytes:

@@ -43,14 +43,13 @@ from agentpool.gateway.sse import SSE_HEADERS
 from agentpool.shared import metrics
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import AgentPoolError, BadRequest, Interrupted, RequestFailed, status_for_code
-from agentpool.shared.messages import Chat, Chunk, End, Error, Interrupt, Message, Restart
+from agentpool.shared.messages import Chat, Chunk, End, Error, Interrupt, Message, Restart, ToolCall, Usage
 
 T = TypeVar("T")
 MAX_CHAT_BODY_BYTES = 1024 * 1024  # a whole conversation comes with every call
 KEEPALIVE_S = 15.0
 _CHUNK = msgspec.json.Decoder(Chunk)
 _RESTART = msgspec.json.Decoder(Restart)
-_END = msgspec.json.Decoder(End)
 _ERROR = msgspec.json.Decoder(Error)
 _INTERRUPT = msgspec.json.Decoder(Interrupt)
 _THREAD_ID = msgspec.json.Decoder(ThreadId)
@@ -192,6 +191,19 @@ async def final(client: AgentPoolClient, started: Started) -> End | Interrupt:
     return end
 
 
+class EndView(msgspec.Struct, kw_only=True):
+    """What a translated stream needs of the ``end`` event (decoding skips its steps and timings)."""
+
+    request_id: str
+    content: str
+    usage: Usage
+    stop_reason: str = "end"
+    tool_calls: list[ToolCall] = []
+
+
+_END = msgspec.json.Decoder(EndView)
+
+
 class Writer(Protocol):
     """One API's SSE events for one reply, each as bytes ready to send."""
 
@@ -199,7 +211,7 @@ class Writer(Protocol):
 
     def text(self, text: str) -> bytes: ...
 
-    def end(self, end: End) -> bytes: ...
+    def end(self, end: EndView) -> bytes: ...
 
     def interrupt(self, event: Interrupt) -> bytes: ...
 
@@ -238,12 +250,13 @@ async def translated(
     finished = False
     sent: list[str] = []
     replay: _Replay | None = None
+    head = writer.head()  # goes out with the first event: one write fewer per reply
     metrics.sse_streams(1)
     try:
-        yield writer.head()
         async for entry in entries:
             if entry is KEEPALIVE:
-                yield writer.keepalive()
+                yield head + writer.keepalive()
+                head = b""
                 continue
             kind, data = entry[1], entry[2]
             if kind == b"chunk":
@@ -252,7 +265,7 @@ async def translated(
                     taken = replay.take(text)
                     if taken is None:
                         finished = True  # the answer cannot be made whole: say so, stop
-                        yield writer.error("RESTART_DIVERGED", _DIVERGED, 502)
+                        yield head + writer.error("RESTART_DIVERGED", _DIVERGED, 502)
                         on_abandon()
                         return
                     if replay.done:
@@ -261,30 +274,32 @@ async def translated(
                     if not text:
                         continue
                 sent.append(text)
-                yield writer.text(text)
+                yield head + writer.text(text)
+                head = b""
             elif kind == b"restart":
                 _RESTART.decode(data)
                 replay = _Replay("".join(sent)) if sent else None
             elif kind == b"end":
                 finished = True
                 end = _END.decode(data)
+                out = head
                 if replay is not None or "".join(sent) != end.content:
                     rest = _rest(end.content, "".join(sent))
                     if rest is None:
-                        yield writer.error("RESTART_DIVERGED", _DIVERGED, 502)
+                        yield out + writer.error("RESTART_DIVERGED", _DIVERGED, 502)
                         return
                     if rest:
-                        yield writer.text(rest)
-                yield writer.end(end)
+                        out += writer.text(rest)
+                yield out + writer.end(end)
                 return
             elif kind == b"interrupt":
                 finished = True
-                yield writer.interrupt(_INTERRUPT.decode(data))
+                yield head + writer.interrupt(_INTERRUPT.decode(data))
                 return
             elif kind == b"error":
                 finished = True
                 err = _ERROR.decode(data)
-                yield writer.error(err.error_code, err.error, status_for_code(err.error_code))
+                yield head + writer.error(err.error_code, err.error, status_for_code(err.error_code))
                 return
             # start, tool_call, tool_result, step: agentpool's own events; these APIs have no place
             # for the server's tool steps (the caller's own tool calls come with the end)

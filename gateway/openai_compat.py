@@ -274,7 +274,7 @@ def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
-def _finish(end: End) -> str:
+def _finish(end: End | compat.EndView) -> str:
     return {"tool_calls": "tool_calls", "max_tokens": "length"}.get(end.stop_reason, "stop")
 
 
@@ -322,6 +322,13 @@ def completion(model: str, final: End | Interrupt) -> dict[str, Any]:
     }
 
 
+_ROLE_DELTA = b'{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+_FINISH = {
+    reason: b'{},"logprobs":null,"finish_reason":"' + reason.encode() + b'"}]}\n\n'
+    for reason in ("stop", "length", "tool_calls")
+}
+
+
 class ChunkWriter:
     """``chat.completion.chunk`` events; the per-token one is two constant pieces around the text."""
 
@@ -342,17 +349,20 @@ class ChunkWriter:
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
     def head(self) -> bytes:
-        return self._delta({"role": "assistant", "content": ""})
+        return self._text_open[: -len(b'{"content":')] + _ROLE_DELTA
+
+    def _finish_chunk(self, finish: str) -> bytes:
+        return self._text_open[: -len(b'{"content":')] + _FINISH[finish]
 
     def text(self, text: str) -> bytes:
         return self._text_open + _JSON.encode(text) + self._text_close
 
-    def end(self, end: End) -> bytes:
+    def end(self, end: compat.EndView) -> bytes:
         out = b""
         if end.tool_calls:
             calls = [{"index": i, **c} for i, c in enumerate(_tool_calls(end.tool_calls))]
             out += self._delta({"tool_calls": calls})
-        out += self._delta({}, _finish(end))
+        out += self._finish_chunk(_finish(end))
         return out + self._usage_and_done(end.usage.input_tokens, end.usage.output_tokens)
 
     def interrupt(self, event: Interrupt) -> bytes:
