@@ -25,7 +25,6 @@ from agentpool.gateway.http import JSON
 from agentpool.gateway.schemas import ThreadId
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
 from agentpool.shared.messages import (
-    RAW_ARGUMENTS_KEY,
     Chat,
     End,
     Interrupt,
@@ -33,6 +32,8 @@ from agentpool.shared.messages import (
     ToolCall,
     ToolChoice,
     ToolSpec,
+    arguments_text,
+    parse_arguments,
 )
 
 _JSON = msgspec.json.Encoder()
@@ -136,24 +137,6 @@ def _text(content: Content) -> str:
     return "".join(part.text for part in content)
 
 
-def _arguments(call: ChatToolCall) -> dict[str, Any]:
-    """A call's arguments; a model's text that is not a JSON object is kept as written, as the
-    OpenAI API keeps it (and sent back to the model that way)."""
-    text = call.function.arguments or "{}"
-    try:
-        value = msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        value = None
-    return value if isinstance(value, dict) else {RAW_ARGUMENTS_KEY: text}
-
-
-def _arguments_text(call: ToolCall) -> str:
-    raw = call.arguments.get(RAW_ARGUMENTS_KEY)
-    if isinstance(raw, str) and len(call.arguments) == 1:
-        return raw
-    return _JSON.encode(call.arguments).decode()
-
-
 def read_messages(raw: list[AnyMessage]) -> tuple[str, list[Message]]:
     """(system text, conversation); a tool result is named after its call."""
     system: list[str] = []
@@ -166,7 +149,8 @@ def read_messages(raw: list[AnyMessage]) -> tuple[str, list[Message]]:
             out.append(Message("user", _text(m.content)))
         elif isinstance(m, ChatAssistantMessage):
             calls = [
-                ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c)) for c in m.tool_calls or []
+                ToolCall(id=c.id, name=c.function.name, arguments=parse_arguments(c.function.arguments))
+                for c in m.tool_calls or []
             ]
             names.update((c.id, c.name) for c in calls)
             out.append(Message("assistant", _text(m.content), tool_calls=calls))
@@ -268,7 +252,7 @@ def _tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
         {
             "id": c.id,
             "type": "function",
-            "function": {"name": c.name, "arguments": _arguments_text(c)},
+            "function": {"name": c.name, "arguments": arguments_text(c)},
         }
         for c in calls
     ]

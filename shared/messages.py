@@ -217,6 +217,25 @@ MESSAGE_ENCODER = msgspec.msgpack.Encoder()
 MESSAGE_DECODER = msgspec.msgpack.Decoder(Message)
 
 
+def parse_arguments(text: str) -> dict[str, Any]:
+    """A tool call's JSON arguments as the OpenAI API carries them (text); anything but a JSON
+    object is kept as written under :data:`RAW_ARGUMENTS_KEY`, so the tool refuses it as invalid,
+    the step shows what the model wrote, and it goes back to the model as it came."""
+    try:
+        arguments = msgspec.json.decode(text or "{}")
+    except msgspec.DecodeError:
+        return {RAW_ARGUMENTS_KEY: text}
+    return arguments if isinstance(arguments, dict) else {RAW_ARGUMENTS_KEY: text}
+
+
+def arguments_text(call: ToolCall) -> str:
+    """The inverse of :func:`parse_arguments`."""
+    raw = call.arguments.get(RAW_ARGUMENTS_KEY)
+    if isinstance(raw, str) and len(call.arguments) == 1:
+        return raw
+    return EVENT_ENCODER.encode(call.arguments).decode()
+
+
 REQUEST_ENCODER = msgspec.msgpack.Encoder()
 REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
 EVENT_ENCODER = msgspec.json.Encoder()

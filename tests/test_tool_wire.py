@@ -19,9 +19,8 @@ import pytest_asyncio
 
 from agentpool.fake_llm import FakeLLMSettings, Running, running
 from agentpool.shared.fake_model import TOKEN, fake_tokens, markers, respond
-from agentpool.shared.messages import Message, ToolCall
+from agentpool.shared.messages import RAW_ARGUMENTS_KEY, Message, ToolCall, parse_arguments
 from agentpool.workers.providers.base import Prompt, Provider, Reply, ToolSpec
-from agentpool.workers.providers.openai import RAW_ARGUMENTS_KEY, parse_arguments
 from agentpool.workers.providers.retry import generate_with_retries
 from tests.conftest import FAKE_KEY_ENV
 

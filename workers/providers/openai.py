@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import httpx2
 import msgspec
@@ -37,7 +37,14 @@ from openai.types.shared_params import FunctionDefinition
 from agentpool.shared.config import AgentType
 from agentpool.shared.config import Provider as ProviderConfig
 from agentpool.shared.errors import ProviderError
-from agentpool.shared.messages import RAW_ARGUMENTS_KEY, Message, ToolCall, ToolChoice, Usage
+from agentpool.shared.messages import (
+    Message,
+    ToolCall,
+    ToolChoice,
+    Usage,
+    arguments_text,
+    parse_arguments,
+)
 from agentpool.workers.providers.base import (
     Emit,
     Prompt,
@@ -193,22 +200,6 @@ def _tool_call(raw: dict[str, str]) -> ToolCall:
     return ToolCall(id=raw["id"], name=raw["name"], arguments=parse_arguments(raw["arguments"]))
 
 
-def parse_arguments(text: str) -> dict[str, Any]:
-    """A tool call's JSON arguments; anything but a JSON object is kept as written (see the module doc)."""
-    try:
-        arguments = msgspec.json.decode(text or "{}")
-    except msgspec.DecodeError:
-        return {RAW_ARGUMENTS_KEY: text}
-    return arguments if isinstance(arguments, dict) else {RAW_ARGUMENTS_KEY: text}
-
-
-def _arguments_text(call: ToolCall) -> str:
-    raw = call.arguments.get(RAW_ARGUMENTS_KEY)
-    if isinstance(raw, str) and len(call.arguments) == 1:
-        return raw
-    return _JSON.encode(call.arguments).decode()
-
-
 def _tool(spec: ToolSpec) -> ChatCompletionFunctionToolParam:
     fn = FunctionDefinition(name=spec.name, parameters=spec.parameters)
     if spec.description:
@@ -239,7 +230,7 @@ def _message(m: Message) -> ChatCompletionMessageParam:
         content=m.content or None,
         tool_calls=[
             ChatCompletionMessageFunctionToolCallParam(
-                id=c.id, type="function", function={"name": c.name, "arguments": _arguments_text(c)}
+                id=c.id, type="function", function={"name": c.name, "arguments": arguments_text(c)}
             )
             for c in m.tool_calls
         ],
