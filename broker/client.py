@@ -51,6 +51,7 @@ from agentpool.shared.messages import (
     Error,
     Event,
     Interrupt,
+    Message,
     Request,
     Resume,
 )
@@ -81,6 +82,28 @@ class Ticket:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def check_thread_id(thread_id: str, name: str = "thread_id", details: dict[str, str] | None = None) -> str:
+    """``thread_id`` if it is 1-128 characters of A-Z a-z 0-9 . _ : -, else a 400 naming ``name``."""
+    if not THREAD_ID.match(thread_id):
+        raise BadRequest(
+            f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+            error_code="VALIDATION_ERROR",
+            details=details or {"field": name},
+        )
+    return thread_id
+
+
+def check_callers_turn(messages: list[Message]) -> None:
+    """A conversation a model can answer ends with the caller's turn: a user message, or the
+    results of the assistant's tool calls."""
+    if not messages or messages[-1].role == "assistant":
+        raise BadRequest(
+            "the last message must be the user's (or the results of the assistant's tool calls)",
+            error_code="VALIDATION_ERROR",
+            details={"field": "messages"},
+        )
 
 
 def conversation_key(chat: Chat) -> str:
@@ -201,12 +224,8 @@ class AgentPoolClient:
         :class:`~agentpool.shared.messages.Chat`). A stateless one has no thread: it is routed by a
         hash of its first messages, so the same conversation keeps going to the same agent."""
         p = self.pool(pool)
-        if thread_id is not None and not THREAD_ID.match(thread_id):
-            raise BadRequest(
-                "thread_id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                error_code="VALIDATION_ERROR",
-                details={"field": "thread_id"},
-            )
+        if thread_id is not None:
+            check_thread_id(thread_id)
         self._check_variables(pool, p, context_variables or {})
         route_key = None
         if chat is not None:
@@ -236,12 +255,7 @@ class AgentPoolClient:
     def _check_chat(self, name: str, p: Pool, chat: Chat) -> None:
         """A conversation that ends with the caller's turn, and sampling parameters within what every
         deployment's agent type allows."""
-        if not chat.messages or chat.messages[-1].role == "assistant":
-            raise BadRequest(
-                "the last message must be the user's (or the results of the assistant's tool calls)",
-                error_code="VALIDATION_ERROR",
-                details={"field": "messages"},
-            )
+        check_callers_turn(chat.messages)
         for dep in p.deployments:
             at = self.config.agent_types[dep.agent_type]
             if chat.max_tokens is not None and chat.max_tokens > at.max_tokens:

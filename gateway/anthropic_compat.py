@@ -183,16 +183,15 @@ _ERROR_TYPES = {
 }
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(status: int, message: str, code: str) -> dict[str, Any]:
+    """Anthropic's error shape, with agentpool's own ``code`` next to the API's fields."""
     kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": message}}
+    return {"type": "error", "error": {"type": kind, "message": message, "code": code}}
 
 
 class AnthropicShape:
     def error(self, err: AgentPoolError, headers: dict[str, str]) -> Response:
-        body = error_body(err.status, err.message)
-        body["error"]["code"] = err.error_code  # agentpool's own, next to the API's fields
-        return JSON(body, err.status, headers)
+        return JSON(error_body(err.status, err.message, err.error_code), err.status, headers)
 
 
 SHAPE = AnthropicShape()
@@ -293,15 +292,13 @@ class EventWriter:
         return self._close(event)
 
     def error(self, code: str, message: str, status: int) -> bytes:
-        body = error_body(status, message)
-        body["error"]["code"] = code
-        return b"event: error\ndata: " + _JSON.encode(body) + b"\n\n"
+        return b"event: error\ndata: " + _JSON.encode(error_body(status, message, code)) + b"\n\n"
 
     def keepalive(self) -> bytes:
         return _event("ping", {})
 
 
-@compat.answers_errors_as(SHAPE)
+@compat.answers_errors_as(lambda _request: SHAPE)
 async def messages(request: Request) -> Response:
     client = compat.client_of(request)
     principal = await compat.caller(request)

@@ -19,40 +19,36 @@ new attempt says something else the stream ends with an error instead of a contr
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 import redis.exceptions
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from agentpool.broker.client import KEEPALIVE, AgentPoolClient, Ticket
+from agentpool.broker.client import KEEPALIVE, AgentPoolClient, Ticket, check_callers_turn, check_thread_id
 from agentpool.broker.redis_conn import redis_unavailable
 from agentpool.gateway import admission
 from agentpool.gateway.admission import Admitted, Started
 from agentpool.gateway.auth import Principal, pool_for, require
-from agentpool.gateway.http import decode, read_body
+from agentpool.gateway.http import decode, error_headers, read_body
 from agentpool.gateway.idempotency import idempotency_key
-from agentpool.gateway.schemas import AskBody, ThreadId
-from agentpool.gateway.sse import SSE_HEADERS
+from agentpool.gateway.schemas import AskBody
+from agentpool.gateway.sse import SSE_HEADERS, cancel_on_abandon
 from agentpool.shared import metrics
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import AgentPoolError, BadRequest, Interrupted, RequestFailed, status_for_code
-from agentpool.shared.messages import Chat, Chunk, End, Error, Interrupt, Message, Restart, ToolCall, Usage
+from agentpool.shared.messages import Chat, Chunk, End, Error, Interrupt, Message, ToolCall, Usage
 
 T = TypeVar("T")
 MAX_CHAT_BODY_BYTES = 1024 * 1024  # a whole conversation comes with every call
 KEEPALIVE_S = 15.0
 _CHUNK = msgspec.json.Decoder(Chunk)
-_RESTART = msgspec.json.Decoder(Restart)
 _ERROR = msgspec.json.Decoder(Error)
 _INTERRUPT = msgspec.json.Decoder(Interrupt)
-_THREAD_ID = msgspec.json.Decoder(ThreadId)
 
 
 class Shape(Protocol):
@@ -64,8 +60,9 @@ class Shape(Protocol):
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def answers_errors_as(shape: Shape) -> Callable[[Handler], Handler]:
-    """Every error of the handler in ``shape``'s format, with ``Retry-After`` and rate headers."""
+def answers_errors_as(shape_for: Callable[[Request], Shape]) -> Callable[[Handler], Handler]:
+    """Every error of the handler in the format of ``shape_for(request)``, with ``Retry-After``
+    and the rate limit's headers."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -73,21 +70,18 @@ def answers_errors_as(shape: Shape) -> Callable[[Handler], Handler]:
             try:
                 return await handler(request)
             except AgentPoolError as err:
-                return shape.error(err, error_headers(request, err))
+                return _error(shape_for(request), request, err)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 lost = redis_unavailable(request.app.state.settings.redis_url, exc)
-                return shape.error(lost, error_headers(request, lost))
+                return _error(shape_for(request), request, lost)
 
         return run
 
     return wrap
 
 
-def error_headers(request: Request, err: AgentPoolError) -> dict[str, str]:
-    headers = dict(getattr(request.state, "rate_headers", None) or {})
-    if err.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-    return headers
+def _error(shape: Shape, request: Request, err: AgentPoolError) -> Response:
+    return shape.error(err, error_headers(err, getattr(request.state, "rate_headers", None)))
 
 
 def client_of(request: Request) -> AgentPoolClient:
@@ -113,28 +107,14 @@ async def body_of(request: Request, type_: type[T], api: str) -> T:
 def thread_header(request: Request) -> str | None:
     """``X-Thread-ID``, validated like ``thread_id`` of ``/v1/ask``."""
     raw = request.headers.get("x-thread-id")
-    if raw is None:
-        return None
-    try:
-        return _THREAD_ID.decode(msgspec.json.encode(raw))
-    except msgspec.ValidationError:
-        raise BadRequest(
-            "X-Thread-ID must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-            error_code="VALIDATION_ERROR",
-            details={"header": "X-Thread-ID"},
-        ) from None
+    return None if raw is None else check_thread_id(raw, "X-Thread-ID", {"header": "X-Thread-ID"})
 
 
 def check_conversation(messages: list[Message], stateless: bool) -> None:
     """What every model API refuses, refused here before anything is queued: a conversation that
     does not end with the caller's turn, and (when the messages are the whole conversation)
     tool results that answer no call or calls left without results."""
-    if not messages or messages[-1].role == "assistant":
-        raise BadRequest(
-            "the last message must be the user's (or the results of the assistant's tool calls)",
-            error_code="VALIDATION_ERROR",
-            details={"field": "messages"},
-        )
+    check_callers_turn(messages)
     waiting: set[str] = set()
     for i, m in enumerate(messages):
         if m.role == "tool":
@@ -277,14 +257,13 @@ async def translated(
                 yield head + writer.text(text)
                 head = b""
             elif kind == b"restart":
-                _RESTART.decode(data)
                 replay = _Replay("".join(sent)) if sent else None
             elif kind == b"end":
                 finished = True
                 end = _END.decode(data)
-                out = head
-                if replay is not None or "".join(sent) != end.content:
-                    rest = _rest(end.content, "".join(sent))
+                out, streamed = head, "".join(sent)
+                if replay is not None or streamed != end.content:
+                    rest = _rest(end.content, streamed)
                     if rest is None:
                         yield out + writer.error("RESTART_DIVERGED", _DIVERGED, 502)
                         return
@@ -320,22 +299,12 @@ def _rest(content: str, sent: str) -> str | None:
     return content[len(sent) :] if content.startswith(sent) else None
 
 
-_background: set[asyncio.Task[Any]] = set()
-
-
 def streaming(
     client: AgentPoolClient, started: Started, writer: Writer, headers: dict[str, str]
 ) -> StreamingResponse:
-    ticket = started.ticket
-
-    def abandon() -> None:  # the client went away mid-stream: stop the agent generating
-        task = asyncio.get_running_loop().create_task(client.store.cancel(ticket.request_id))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-    entries = client.stream_raw(ticket, sub=started.sub, keepalive_s=KEEPALIVE_S)
+    entries = client.stream_raw(started.ticket, sub=started.sub, keepalive_s=KEEPALIVE_S)
     return StreamingResponse(
-        translated(entries, writer, abandon),
+        translated(entries, writer, cancel_on_abandon(client, started.ticket.request_id)),
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )

@@ -24,11 +24,16 @@ class JSON(Response):
         return _ENC.encode(content)
 
 
-def error_response(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> Response:
+def error_headers(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> dict[str, str]:
+    """The headers of an error answer: ``extra_headers`` (the rate limit's) and ``Retry-After``."""
     headers = dict(extra_headers or {})
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-    return JSON(err.body(), status_code=err.status, headers=headers)
+    return headers
+
+
+def error_response(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> Response:
+    return JSON(err.body(), status_code=err.status, headers=error_headers(err, extra_headers))
 
 
 async def read_body(request: Request, limit: int) -> bytes:

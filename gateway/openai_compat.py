@@ -20,9 +20,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from agentpool.gateway import compat
+from agentpool.broker.client import check_thread_id
+from agentpool.gateway import anthropic_compat, compat
 from agentpool.gateway.http import JSON
-from agentpool.gateway.schemas import ThreadId
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
 from agentpool.shared.messages import (
     Chat,
@@ -204,22 +204,16 @@ def read_chat(body: ChatCompletionBody, thread_id: str | None) -> Chat:
 def _thread_id(request: Request, body: ChatCompletionBody) -> str | None:
     header = compat.thread_header(request)
     given = body.metadata.get("thread_id")
-    if given is not None:
-        try:
-            given = msgspec.json.decode(_JSON.encode(given), type=ThreadId)
-        except msgspec.ValidationError:
-            raise BadRequest(
-                "metadata.thread_id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                error_code="VALIDATION_ERROR",
-                details={"field": "metadata.thread_id"},
-            ) from None
-        if header is not None and header != given:
-            raise BadRequest(
-                "X-Thread-ID and metadata.thread_id name different threads",
-                error_code="VALIDATION_ERROR",
-                details={"field": "metadata.thread_id"},
-            )
-    return header or given
+    if given is None:
+        return header
+    check_thread_id(given, "metadata.thread_id")
+    if header is not None and header != given:
+        raise BadRequest(
+            "X-Thread-ID and metadata.thread_id name different threads",
+            error_code="VALIDATION_ERROR",
+            details={"field": "metadata.thread_id"},
+        )
+    return given
 
 
 # --- answers
@@ -322,7 +316,8 @@ class ChunkWriter:
         self._base = _JSON.encode(head)[:-1] + b',"system_fingerprint":null'
         # With include_usage every chunk says "usage": null, but the last one, which has it.
         self._head = self._base + (b',"usage":null,"choices":' if include_usage else b',"choices":')
-        self._text_open = b"data: " + self._head + b'[{"index":0,"delta":{"content":'
+        self._delta_open = b"data: " + self._head + b'[{"index":0,"delta":'
+        self._text_open = self._delta_open + b'{"content":'
         self._text_close = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
     def _chunk(self, choices: list[Any], **extra: Any) -> bytes:
@@ -333,10 +328,7 @@ class ChunkWriter:
         return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
     def head(self) -> bytes:
-        return self._text_open[: -len(b'{"content":')] + _ROLE_DELTA
-
-    def _finish_chunk(self, finish: str) -> bytes:
-        return self._text_open[: -len(b'{"content":')] + _FINISH[finish]
+        return self._delta_open + _ROLE_DELTA
 
     def text(self, text: str) -> bytes:
         return self._text_open + _JSON.encode(text) + self._text_close
@@ -346,7 +338,7 @@ class ChunkWriter:
         if end.tool_calls:
             calls = [{"index": i, **c} for i, c in enumerate(_tool_calls(end.tool_calls))]
             out += self._delta({"tool_calls": calls})
-        out += self._finish_chunk(_finish(end))
+        out += self._delta_open + _FINISH[_finish(end)]
         return out + self._usage_and_done(end.usage.input_tokens, end.usage.output_tokens)
 
     def interrupt(self, event: Interrupt) -> bytes:
@@ -369,7 +361,7 @@ class ChunkWriter:
         return b": keep-alive\n\n"
 
 
-@compat.answers_errors_as(SHAPE)
+@compat.answers_errors_as(lambda _request: SHAPE)
 async def chat_completions(request: Request) -> Response:
     client = compat.client_of(request)
     principal = await compat.caller(request)
@@ -398,38 +390,27 @@ def _anthropic_model(name: str) -> dict[str, Any]:
     return {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
 
 
-def _wants_anthropic(request: Request) -> bool:
-    return "anthropic-version" in request.headers
+def _models_shape(request: Request) -> compat.Shape:
+    """The models endpoints answer (and err) in Anthropic's shape when ``anthropic-version`` is sent."""
+    return anthropic_compat.SHAPE if "anthropic-version" in request.headers else SHAPE
 
 
+@compat.answers_errors_as(_models_shape)
 async def list_models(request: Request) -> Response:
-    """The pools this key may use, as models (Anthropic's shape when ``anthropic-version`` is sent)."""
-    from agentpool.gateway import anthropic_compat
-
-    shape: compat.Shape = anthropic_compat.SHAPE if _wants_anthropic(request) else SHAPE
-    try:
-        principal = await compat.caller(request)
-    except AgentPoolError as err:
-        return shape.error(err, compat.error_headers(request, err))
+    """The pools this key may use, as models."""
+    principal = await compat.caller(request)
     names = compat.visible_pools(compat.client_of(request), principal)
-    if _wants_anthropic(request):
+    if _models_shape(request) is anthropic_compat.SHAPE:
         data = [_anthropic_model(n) for n in names]
         first, last = (names[0], names[-1]) if names else (None, None)
         return JSON({"data": data, "has_more": False, "first_id": first, "last_id": last})
     return JSON({"object": "list", "data": [_model(n) for n in names]})
 
 
+@compat.answers_errors_as(_models_shape)
 async def get_model(request: Request) -> Response:
-    from agentpool.gateway import anthropic_compat
-
-    shape: compat.Shape = anthropic_compat.SHAPE if _wants_anthropic(request) else SHAPE
     name = request.path_params["model"]
-    try:
-        principal = await compat.caller(request)
-        if name not in compat.visible_pools(compat.client_of(request), principal):
-            raise NotFound(
-                f"no model (pool) named {name!r}", error_code="POOL_NOT_FOUND", details={"pool": name}
-            )
-    except AgentPoolError as err:
-        return shape.error(err, compat.error_headers(request, err))
-    return JSON(_anthropic_model(name) if _wants_anthropic(request) else _model(name))
+    principal = await compat.caller(request)
+    if name not in compat.visible_pools(compat.client_of(request), principal):
+        raise NotFound(f"no model (pool) named {name!r}", error_code="POOL_NOT_FOUND", details={"pool": name})
+    return JSON(_anthropic_model(name) if _models_shape(request) is anthropic_compat.SHAPE else _model(name))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, cast
 
 import msgspec
@@ -15,14 +14,12 @@ from agentpool.gateway import admission
 from agentpool.gateway.auth import owns, require
 from agentpool.gateway.http import JSON, decode, read_body, resume_after, wants_sse
 from agentpool.gateway.schemas import Accepted, AskResponse, PendingApproval, ResumeBody
-from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS, frames
+from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS, cancel_on_abandon, frames
 from agentpool.shared import metrics
 from agentpool.shared.errors import Interrupted, NotFound, RequestFailed, status_for_code
 from agentpool.shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
 
 MAX_RESUME_BODY_BYTES = 8 * 1024
-
-_background: set[asyncio.Task[Any]] = set()
 
 
 def _client(request: Request) -> AgentPoolClient:
@@ -114,13 +111,10 @@ def _paused(event: Interrupt) -> AskResponse:
 
 
 def _sse(client: AgentPoolClient, ticket: Ticket, entries: Any, headers: dict[str, str]) -> Response:
-    def abandon() -> None:  # client went away mid-stream: stop the agent generating
-        task = asyncio.get_running_loop().create_task(client.store.cancel(ticket.request_id))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
     return StreamingResponse(
-        frames(entries, abandon), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+        frames(entries, cancel_on_abandon(client, ticket.request_id)),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
     )
 
 

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from agentpool.broker.client import KEEPALIVE
+from agentpool.broker.client import KEEPALIVE, AgentPoolClient
 from agentpool.shared import metrics
 from agentpool.shared.messages import FINAL_TYPES
 
 KEEPALIVE_S = 15.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def cancel_on_abandon(client: AgentPoolClient, request_id: str) -> Callable[[], None]:
+    """What to run when a client leaves a stream before its end: stop the agent generating."""
+
+    def abandon() -> None:
+        task = asyncio.get_running_loop().create_task(client.store.cancel(request_id))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    return abandon
 
 
 def frame(entry_id: bytes, kind: bytes, data: bytes) -> bytes:
