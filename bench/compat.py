@@ -48,28 +48,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.roundtrip import cleanup, closed_loop, pct, start_system, wait_ready  # noqa: E402
-
-CONFIG = """
-[providers.fake]
-kind = "fake"
-ttft_ms = {ttft_ms}
-tokens_per_s = 0
-reply_tokens = {reply_tokens}
-
-[agent_types.bench]
-provider = "fake"
-system_prompt = "bench"
-history_turns = 0
-
-[pools.bench]
-limits = {{ concurrency = {concurrency}, sticky_depth = 3, max_depth = 1000, rescue_after_s = 30 }}
-
-[[pools.bench.deployments]]
-name = "d"
-agent_type = "bench"
-replicas = {replicas}
-"""
+from bench.roundtrip import CONFIG, cleanup, closed_loop, pct, start_system, wait_ready  # noqa: E402
 
 SIDES = ("ask", "compat")
 JSON_HEADERS = {"content-type": "application/json"}

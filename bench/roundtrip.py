@@ -36,7 +36,7 @@ CONFIG = """
 kind = "fake"
 ttft_ms = {ttft_ms}
 tokens_per_s = 0
-reply_tokens = 20
+reply_tokens = {reply_tokens}
 
 [agent_types.bench]
 provider = "fake"
@@ -228,7 +228,9 @@ def run_once(args, conc: int) -> dict[str, float]:
     ns = "bench" + secrets.token_hex(3)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
     cfg.write_text(
-        CONFIG.format(ttft_ms=args.ttft_ms, concurrency=args.worker_concurrency, replicas=args.replicas)
+        CONFIG.format(
+            ttft_ms=args.ttft_ms, reply_tokens=20, concurrency=args.worker_concurrency, replicas=args.replicas
+        )
     )
     port = 18000 + secrets.randbelow(2000)
     env = {
