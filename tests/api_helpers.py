@@ -1,12 +1,16 @@
-"""Helpers for the external-API tests: a two-tenant pools file, keys, and a webhook receiver."""
+"""Helpers for the external-API tests: a two-tenant pools file, keys, a webhook receiver, and a
+gateway served to an SDK (the OpenAI- and Anthropic-compatible endpoints' tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,7 +18,7 @@ from starlette.routing import Route
 
 from agentpool.gateway.keys import KeyStore
 from agentpool.shared.config import Config, parse_config
-from tests.conftest import System, free_port, wait_until
+from tests.conftest import System, free_port, running_gateway, wait_until
 
 POOL = """
 [pools.{name}]
@@ -114,3 +118,44 @@ async def receiver(statuses: list[int] | None = None) -> AsyncIterator[Receiver]
     finally:
         srv.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+S = TypeVar("S")
+
+
+@dataclass
+class Served(Generic[S]):
+    """A gateway on a system, an SDK client on it and a plain httpx client with the same key."""
+
+    url: str
+    key: str
+    sdk: S
+    http: httpx.AsyncClient
+    make: Callable[..., S]  # another SDK client on this gateway, given the SDK's options
+
+    def sdk_with(self, **kw: Any) -> S:
+        return self.make(**{"api_key": self.key, "max_retries": 0, "timeout": 20, **kw})
+
+    async def record(self, request_id: str) -> dict[str, Any]:
+        """GET /v1/requests/{id}: agentpool's own view of a request."""
+        r = await self.http.get(f"/v1/requests/{request_id}")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    system: System, tenant: str, sdk_for: Callable[..., S], rpm: int | None = None
+) -> AsyncIterator[Served[S]]:
+    """The real gateway, a key of ``tenant`` and ``sdk_for(url, **options)``'s client on it."""
+    _, key = await make_key(system, tenant, "ask", rpm=rpm)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, headers=h(key), timeout=20) as http,
+    ):
+        served = Served(url, key, None, http, functools.partial(sdk_for, url))
+        served.sdk = served.sdk_with()
+        try:
+            yield served
+        finally:
+            await served.sdk.close()  # type: ignore[attr-defined]

@@ -4,20 +4,18 @@ streamed, with client-side tools), system prompts, threads, models, and errors a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import anthropic
-import httpx
 import httpx2  # the anthropic SDK's HTTP client: it refuses an httpx one
 import pytest
 from anthropic.types import Message
 
 from agentpool.shared.errors import Unavailable
-from tests.api_helpers import h, make_key
-from tests.conftest import System, make_config, running_gateway
+from tests import api_helpers
+from tests.api_helpers import Served
+from tests.conftest import System, make_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,38 +32,14 @@ WEATHER: Any = {
 ASK_WEATHER = 'What is the weather like? @get_weather {"city": "Paris"}'
 
 
-@dataclass
-class Served:
-    """A gateway on a system, an SDK client on it and a plain httpx client with the same key."""
-
-    url: str
-    key: str
-    sdk: anthropic.AsyncAnthropic
-    http: httpx.AsyncClient
-
-    def sdk_with(self, **kw: Any) -> anthropic.AsyncAnthropic:
-        opts: dict[str, Any] = {"api_key": self.key, "max_retries": 0, "timeout": 20, **kw}
-        return anthropic.AsyncAnthropic(base_url=self.url, **opts)
-
-    async def record(self, request_id: str) -> dict[str, Any]:
-        """GET /v1/requests/{id}: agentpool's own view of a request."""
-        r = await self.http.get(f"/v1/requests/{request_id}")
-        assert r.status_code == 200, r.text
-        return dict(r.json())
+def _sdk(url: str, **options: Any) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=url, **options)
 
 
-@contextlib.asynccontextmanager
-async def serving(system: System, rpm: int | None = None) -> AsyncIterator[Served]:
-    _, key = await make_key(system, TENANT, "ask", rpm=rpm)
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, headers=h(key), timeout=20) as http,
-    ):
-        sdk = anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0, timeout=20)
-        try:
-            yield Served(url, key, sdk, http)
-        finally:
-            await sdk.close()
+def serving(
+    system: System, rpm: int | None = None
+) -> contextlib.AbstractAsyncContextManager[Served[anthropic.AsyncAnthropic]]:
+    return api_helpers.serving(system, TENANT, _sdk, rpm)
 
 
 def user(content: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import collections
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +16,9 @@ import openai
 import pytest
 
 from agentpool.shared.errors import Unavailable
-from tests.api_helpers import h, make_key
-from tests.conftest import System, make_config, running_gateway
+from tests import api_helpers
+from tests.api_helpers import Served
+from tests.conftest import System, make_config
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -38,38 +38,14 @@ WEATHER: Any = {
 ASK_WEATHER = 'What is the weather like? @get_weather {"city": "Paris"}'
 
 
-@dataclass
-class Served:
-    """A gateway on a system, an SDK client on its /v1 and a plain httpx client with the same key."""
-
-    url: str
-    key: str
-    sdk: openai.AsyncOpenAI
-    http: httpx.AsyncClient
-
-    def sdk_with(self, **kw: Any) -> openai.AsyncOpenAI:
-        opts: dict[str, Any] = {"api_key": self.key, "max_retries": 0, "timeout": 20, **kw}
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", **opts)
-
-    async def record(self, request_id: str) -> dict[str, Any]:
-        """GET /v1/requests/{id}: agentpool's own view of a request."""
-        r = await self.http.get(f"/v1/requests/{request_id}")
-        assert r.status_code == 200, r.text
-        return dict(r.json())
+def _sdk(url: str, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", **options)
 
 
-@contextlib.asynccontextmanager
-async def serving(system: System, rpm: int | None = None) -> AsyncIterator[Served]:
-    _, key = await make_key(system, TENANT, "ask", rpm=rpm)
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, headers=h(key), timeout=20) as http,
-    ):
-        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=20)
-        try:
-            yield Served(url, key, sdk, http)
-        finally:
-            await sdk.close()
+def serving(
+    system: System, rpm: int | None = None
+) -> contextlib.AbstractAsyncContextManager[Served[openai.AsyncOpenAI]]:
+    return api_helpers.serving(system, TENANT, _sdk, rpm)
 
 
 def user(text: str) -> dict[str, Any]:
