@@ -36,7 +36,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.roundtrip import CONFIG, cleanup, closed_loop, pct, start_system, wait_ready  # noqa: E402
+from bench.roundtrip import CONFIG, cleanup, closed_loop, pct, start_system, stop, wait_ready  # noqa: E402
 
 SIDES = ("ask", "compat")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -368,13 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         uvloop.run(wait_ready(env, port, args))
         return uvloop.run(measured(args, env, port, gateway.pid, [p.pid for p in workers]))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         uvloop.run(cleanup(env))
 
 

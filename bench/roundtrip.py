@@ -53,6 +53,17 @@ replicas = {replicas}
 """
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process, then wait for each (20 s, then SIGKILL)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
@@ -247,13 +258,7 @@ def run_once(args, conc: int) -> dict[str, float]:
         uvloop.run(wait_ready(env, port, args))
         return uvloop.run(measure(args, env, port, conc))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         uvloop.run(cleanup(env))
 
 

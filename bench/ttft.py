@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentpool.broker.client import MEMBERSHIP_REFRESH_S  # noqa: E402
-from bench.roundtrip import cleanup, closed_loop, http_one, pct  # noqa: E402
+from bench.roundtrip import cleanup, closed_loop, http_one, pct, stop  # noqa: E402
 
 CONFIG = """
 [providers.fake-openai]
@@ -175,13 +175,7 @@ def run_once(args: argparse.Namespace, conc: int) -> dict[str, float]:
 
         return uvloop.run(go())
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         uvloop.run(cleanup(env))
 
 
