@@ -311,7 +311,6 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     import uvloop
 
     from agentpool.gateway.server import server
-    from agentpool.shared.tasks import cancel_and_wait
     from agentpool.workers.fleet_metrics import FleetMetrics
     from agentpool.workers.main import install_stop_signals
     from agentpool.workers.supervisor import Supervisor
@@ -324,7 +323,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
             print(f"agentpool: {p}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     key_id, key = asyncio.run(keys_cmd.dev_key(settings))
-    print(asyncio.run(keys_cmd.auth_banner(settings, config)), flush=True)
+    print(keys_cmd.auth_banner(settings), flush=True)
     print(
         f"dev API key (tenant default, scopes ask+admin; this instance's, revoked when it stops):\n"
         f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'",
@@ -343,9 +342,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
         sup_task = asyncio.create_task(sup.async_run(stop))
         srv = server(settings, config, host, port, embedded=True)
         srv_task = asyncio.create_task(srv.serve())
-        watch = asyncio.create_task(keys_cmd.watch_auth(settings, config))
         await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
-        await cancel_and_wait([watch])
         srv.should_exit = True
         await srv_task
         await sup_task

@@ -109,7 +109,6 @@ async def dev_key(settings: Any) -> tuple[str, str]:
     """A fresh key for tenant default with both scopes -> ``(key id, key)``; this instance's own.
 
     Another ``agentpool dev`` in the namespace keeps its key: each revokes its own when it stops.
-    Dev keys do not turn auth on (see :func:`auth_banner`).
     """
     info, key = await _with_store(settings, lambda s: s.create("default", ["ask", "admin"], dev=True))
     return info.id, str(key)
@@ -124,54 +123,12 @@ async def revoke_dev_key(settings: Any, key_id: str) -> None:
         pass
 
 
-async def auth_banner(settings: Any, config: Any) -> str:
-    """One line: does this gateway serve callers without a key, and why (or why not)."""
-    enforced = await _with_store(settings, lambda s: s.enforced())
-    return auth_state(settings, config, enforced)
-
-
-def auth_state(settings: Any, config: Any, enforced: bool) -> str:
-    from agentpool.gateway.keys import closed_by
-
-    ns = settings.namespace
-    why = closed_by(settings.auth, bool(config.api_keys), enforced, ns)
-    if why is not None:
-        return f"auth: required ({why}): every request needs a key (the dev key works)"
+def auth_banner(settings: Any) -> str:
+    """One line: does this process serve callers without a key, and how to change it."""
     if settings.auth == "open":
-        tail = (
-            f"; keys exist in namespace {ns!r}, so `agentpool gateway` there requires one"
-            if enforced or config.api_keys
-            else ""
-        )
         return (
-            "auth: open (agentpool dev; AGENTPOOL_AUTH=required or auto to change): requests without "
-            f"a key run as tenant default with every scope, a key that is sent is checked{tail}"
+            "auth: open (agentpool dev; AGENTPOOL_AUTH=required to change): requests without a key run "
+            "as tenant default with every scope, a key that is sent is checked; `agentpool gateway` "
+            "requires a key unless AGENTPOOL_AUTH=open"
         )
-    return "auth: open until a key is created with `agentpool keys create` (AGENTPOOL_AUTH=auto)"
-
-
-async def watch_auth(settings: Any, config: Any) -> None:
-    """Under ``agentpool dev``: say so the moment a created key changes who gets in (polled each second)."""
-    import logging
-
-    from agentpool.broker.redis_conn import REDIS_ERRORS, connect
-    from agentpool.gateway.keys import KeyStore
-    from agentpool.shared.names import Names
-
-    log = logging.getLogger("agentpool.dev")
-    r = connect(settings.redis_url)
-    store = KeyStore(r, Names(settings.namespace))
-    was: bool | None = None
-    try:
-        while True:
-            now: bool | None
-            try:
-                now = await store.enforced()
-            except REDIS_ERRORS:
-                now = was
-            if was is False and now:
-                log.warning("a key was created; %s", auth_state(settings, config, True))
-            was = now
-            await asyncio.sleep(1.0)
-    finally:
-        await r.aclose()
+    return "auth: required (AGENTPOOL_AUTH=required): every request needs a key (the dev key works)"

@@ -2,19 +2,15 @@
 
 Keys come as ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``. A key that is sent is always
 checked (bad or revoked -> 401), in every mode. A request *without* a key is let in as tenant
-``default`` with every scope only while the gateway runs open: always with ``AGENTPOOL_AUTH=open``
-(what ``agentpool dev`` runs with unless the variable is set), never with ``required``, and with
-``auto`` while the pools file has no ``[[api_keys]]`` and no non-dev key was ever created in this
-namespace (dev keys made by ``agentpool dev`` do not count). The last fact is read from Redis at
-most once a second, so a first ``agentpool keys create`` closes the gateway within a second, and
-revoking every key afterwards does not open it again. The 401 for a missing key says which rule
-applied.
+``default`` with every scope only under ``AGENTPOOL_AUTH=open`` (what ``agentpool dev`` runs with
+unless the variable is set); ``required`` is the default. The mode comes from the process's
+environment alone, never from Redis: a Redis that lost its data loses keys, and a lost key is a
+401, never an open door.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -22,13 +18,12 @@ from typing import cast
 from starlette.requests import Request
 
 from agentpool.broker.client import AgentPoolClient
-from agentpool.gateway.keys import KeyInfo, KeyStore, closed_by, same_hash, sha256_hex, split_key
+from agentpool.gateway.keys import KeyInfo, KeyStore, same_hash, sha256_hex, split_key
 from agentpool.shared.api_config import SCOPES, ApiKeyEntry
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import ConfigError, Forbidden, NotFound, Unauthorized
 
 OPEN_TENANT = "default"
-MODE_CACHE_S = 1.0
 MAX_KEY_CHARS = 512
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -88,8 +83,6 @@ class Authenticator:
         self.store = store
         self.mode = mode
         self.config_keys = keys  # from :func:`config_keys`, read at start
-        self._enforced = False
-        self._checked_at = -MODE_CACHE_S
 
     def config_infos(self) -> list[KeyInfo]:
         return [
@@ -104,32 +97,19 @@ class Authenticator:
             for _, p in self.config_keys
         ]
 
-    async def is_open(self) -> bool:
-        if self.mode == "open":
-            return True
-        if self.mode == "required" or self.config_keys or self._enforced:
-            return False
-        if time.monotonic() - self._checked_at >= MODE_CACHE_S:
-            self._enforced = await self.store.enforced()
-            self._checked_at = time.monotonic()
-        return not self._enforced
-
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         key = presented_key(headers)
         if key is None:
-            if await self.is_open():
+            if self.mode == "open":
                 return ANONYMOUS
             raise Unauthorized(
-                f"an API key is required ({self.why_closed()}): send X-API-Key or Authorization: Bearer"
+                "an API key is required (AGENTPOOL_AUTH=required, the default of `agentpool gateway`): "
+                "send X-API-Key or Authorization: Bearer with a key from `agentpool keys create`"
             )
         found = await self._lookup(key) if 0 < len(key) <= MAX_KEY_CHARS else None
         if found is None:  # never echo the key: it may be a real key with a typo
             raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
         return found
-
-    def why_closed(self) -> str:
-        why = closed_by(self.mode, bool(self.config_keys), self._enforced, self.store.names.ns)
-        return why or "auth is required"
 
     async def _lookup(self, key: str) -> Principal | None:
         digest = sha256_hex(key)

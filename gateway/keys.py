@@ -73,20 +73,6 @@ def check_grant(tenant: str, scopes: list[str]) -> None:
         )
 
 
-def closed_by(mode: str, config_keys: bool, enforced: bool, namespace: str) -> str | None:
-    """Why callers without a key are refused under ``AGENTPOOL_AUTH=mode`` (None: let in): the
-    one statement of the rule, for the gateway's 401 and what ``agentpool dev`` prints."""
-    if mode == "open":
-        return None
-    if mode == "required":
-        return "AGENTPOOL_AUTH=required"
-    if config_keys:
-        return "the pools file has [[api_keys]]"
-    if enforced:
-        return f"keys were created in namespace {namespace!r} with `agentpool keys create`"
-    return None
-
-
 class KeyStore:
     """Key records under the namespace: ``apikey:{id}`` hashes plus the ``apikeys`` id set."""
 
@@ -97,7 +83,7 @@ class KeyStore:
     async def create(
         self, tenant: str, scopes: list[str], *, rpm: int | None = None, dev: bool = False
     ) -> tuple[KeyInfo, str]:
-        """A new key -> (its info, the plain key, to show once). A non-dev key turns auth on."""
+        """A new key -> (its info, the plain key, to show once)."""
         check_grant(tenant, scopes)
         key_id, key = new_key()
         info = KeyInfo(
@@ -112,8 +98,6 @@ class KeyStore:
         async with self.redis.pipeline(transaction=True) as p:
             p.hset(self.names.api_key(key_id), mapping=record)
             p.sadd(self.names.api_keys(), key_id)
-            if not dev:
-                p.set(self.names.auth_enforced(), b"1")
             await p.execute()
         return info, key
 
@@ -139,7 +123,3 @@ class KeyStore:
             p.srem(self.names.api_keys(), key_id)
             deleted, _ = await p.execute()
         return bool(deleted)
-
-    async def enforced(self) -> bool:
-        """Was a non-dev key ever created here? Sticky: revoking every key must not open the gateway."""
-        return bool(await self.redis.exists(self.names.auth_enforced()))

@@ -74,10 +74,6 @@ class Names:
         """Set of the ids of keys created in Redis (CLI, admin API, ``agentpool dev``)."""
         return f"{self.ns}:apikeys"
 
-    def auth_enforced(self) -> str:
-        """Set when the first non-dev key is created; from then on every call needs a key."""
-        return f"{self.ns}:auth:enforced"
-
     def owner(self, request_id: str) -> str:
         """The tenant that made a request, so only it can read the result."""
         return f"{self.ns}:owner:{request_id}"

@@ -26,9 +26,10 @@ class Settings:
         "tiered"  # tiered (sticky/spill/overflow by depth) | hash (sticky order only, broker-bounded)
     )
     metrics: bool = True  # AGENTPOOL_METRICS=0 turns every metric hook into a no-op
-    # auto: open until an API key exists | required: always need a key | open: a key is optional
-    # (what `agentpool dev` runs with unless AGENTPOOL_AUTH is set); a key that is sent is always checked
-    auth: str = "auto"
+    # required: every request needs a key | open: a key is optional (what `agentpool dev` runs with
+    # unless AGENTPOOL_AUTH is set). A key that is sent is always checked. Nothing kept in Redis
+    # decides this, so a Redis that lost its data can only refuse callers, never let them in.
+    auth: str = "required"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -64,8 +65,13 @@ class Settings:
             raise ConfigError(f"AGENTPOOL_LOG_LEVEL: unknown level {self.log_level!r}")
         if self.routing not in ("tiered", "hash"):
             raise ConfigError(f"AGENTPOOL_ROUTING: expected tiered or hash, got {self.routing!r}")
-        if self.auth not in ("auto", "required", "open"):
-            raise ConfigError(f"AGENTPOOL_AUTH: expected auto, required or open, got {self.auth!r}")
+        if self.auth == "auto":
+            raise ConfigError(
+                "AGENTPOOL_AUTH: 'auto' is gone (it opened the gateway whenever Redis had lost its keys); "
+                "use required (the default) or open"
+            )
+        if self.auth not in ("required", "open"):
+            raise ConfigError(f"AGENTPOOL_AUTH: expected required or open, got {self.auth!r}")
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

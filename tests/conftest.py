@@ -149,7 +149,8 @@ async def cleanup_namespace(settings: Settings, config: Config, max_replicas: in
 @pytest.fixture
 def settings(service_urls: tuple[str, str]) -> Settings:
     amqp, red = service_urls
-    return Settings(amqp_url=amqp, redis_url=red, namespace=f"t{RUN}-{next(_counter)}")
+    # open: most tests call the gateway without a key; tests of auth set "required" themselves
+    return Settings(amqp_url=amqp, redis_url=red, namespace=f"t{RUN}-{next(_counter)}", auth="open")
 
 
 async def wait_until(
@@ -278,6 +279,7 @@ def subprocess_env(settings: Settings, config_path: Path) -> dict[str, str]:
         "AGENTPOOL_AMQP_URL": settings.amqp_url,
         "AGENTPOOL_REDIS_URL": settings.redis_url,
         "AGENTPOOL_NAMESPACE": settings.namespace,
+        "AGENTPOOL_AUTH": settings.auth,
         "AGENTPOOL_CONFIG": str(config_path),
         "PYTHONUNBUFFERED": "1",
     }

@@ -12,10 +12,18 @@ import httpx
 import pytest
 
 from agentpool.gateway.keys import sha256_hex
+from agentpool.shared.errors import ConfigError
+from agentpool.shared.settings import Settings
 from tests.api_helpers import h, make_key, store, tenant_config
-from tests.conftest import PYTHON, System, running_gateway, subprocess_env, wait_until
+from tests.conftest import PYTHON, System, running_gateway, subprocess_env
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """These tests run the gateway as `agentpool gateway` does by default: a key is required."""
+    return replace(settings, auth="required")
 
 
 async def test_missing_bad_and_revoked_keys_get_401(make_system) -> None:
@@ -138,37 +146,51 @@ async def test_admin_endpoints_need_the_admin_scope(make_system) -> None:
         assert (await http.get("/v1/keys", headers=h(admin))).status_code == 401
 
 
-async def test_open_mode_rule(make_system) -> None:
-    """Open (tenant default) only while no key exists but dev keys, no config keys, AUTH != required."""
+ANONYMOUS_CALLS = [  # an ask, an admin read, an admin write
+    ("POST", "/v1/ask/p", {"content": "hi"}),
+    ("GET", "/v1/keys", None),
+    ("PUT", "/v1/pools/p/deployments/main", {"replicas": 0}),
+]
+
+
+async def test_auth_is_required_unless_open_is_asked_for(make_system) -> None:
+    """`required` is the default and nothing in Redis changes it; only AGENTPOOL_AUTH=open lets callers in
+    without a key, and a key that is sent is checked in both modes."""
+    assert Settings().auth == "required" and Settings.from_env({}).auth == "required"
+    with pytest.raises(ConfigError, match="'auto' is gone"):
+        Settings.from_env({"AGENTPOOL_AUTH": "auto"})
     system: System = await make_system(replicas=1)
     settings, config = system.settings, system.config
+    # Given no key was ever created here: still required, for ask and for admin
     async with running_gateway(settings, config) as url, httpx.AsyncClient(base_url=url) as http:
-        # Given no keys: open, as tenant default with every scope
-        assert (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 200
-        assert (await http.get("/v1/keys")).status_code == 200
-        # A dev key keeps it open; the dev key works, and a bad key is still refused
-        _info, dev = await store(system).create("default", ["ask", "admin"], dev=True)
-        await asyncio.sleep(1.1)  # outlast the 1 s auth-mode cache: still open
-        assert (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 200
-        assert (await http.post("/v1/ask/p", json={"content": "hi"}, headers=h(dev))).status_code == 200
-        assert (await http.post("/v1/ask/p", json={"content": "hi"}, headers=h("bad"))).status_code == 401
-        # The first real key closes it (within a second), and revoking every key does not reopen it
-        key_id, _ = await make_key(system, "default", "ask")
-
-        async def closed() -> bool:
-            return (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 401
-
-        await wait_until(closed, 3, "auth required after the first key")
-        await store(system).revoke(key_id)
-        await asyncio.sleep(1.1)  # outlast the 1 s auth-mode cache: still closed
-        assert await closed()
-    await system.client.redis.delete(system.client.names.auth_enforced())
-    # AGENTPOOL_AUTH=required closes it with no key at all
+        for method, path, body in ANONYMOUS_CALLS:
+            r = await http.request(method, path, json=body)
+            assert r.status_code == 401 and r.json()["error_code"] == "INVALID_API_KEY", (path, r.text)
+            assert "agentpool keys create" in r.json()["error"]
+    # Open: a caller without a key is tenant default with every scope; a bad key is still refused
     async with (
-        running_gateway(replace(settings, auth="required"), config) as url,
+        running_gateway(replace(settings, auth="open"), config) as url,
         httpx.AsyncClient(base_url=url) as http,
     ):
-        assert (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 401
+        assert (await http.post("/v1/ask/p", json={"content": "hi"})).status_code == 200
+        assert (await http.get("/v1/keys")).status_code == 200
+        assert (await http.post("/v1/ask/p", json={"content": "hi"}, headers=h("bad"))).status_code == 401
+
+
+async def test_after_redis_loses_everything_anonymous_calls_are_refused(make_system) -> None:
+    """A key made before Redis lost its data is refused afterwards (401), and no caller is let in
+    without one: the loss can only close doors (ask and admin alike)."""
+    system: System = await make_system(replicas=1, start=False)
+    settings, config = system.settings, system.config
+    _key_id, key = await make_key(system, "acme", "ask", "admin")
+    redis = system.client.redis
+    wiped = [k async for k in redis.scan_iter(match=system.client.names.pattern())]
+    await redis.delete(*wiped)  # every Redis key of the namespace gone, as after a wipe
+    async with running_gateway(settings, config) as url, httpx.AsyncClient(base_url=url) as http:
+        for headers in ({}, h(key)):
+            for method, path, body in ANONYMOUS_CALLS:
+                r = await http.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
 
 
 async def test_keys_from_the_pools_file(make_system, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -119,11 +120,10 @@ async def test_a_second_dev_on_a_taken_port_says_who_holds_it_and_leaves_the_fir
             assert keys.status_code == 200, keys.text
             assert [k["source"] for k in keys.json()["keys"]] == ["dev"]
 
-            # A key created while dev runs: dev says what that changes, and stays open
+            # A key created while dev runs leaves dev open (it said at start that `gateway` is not)
             created = await asyncio.to_thread(cli, settings, path, "keys", "create", "--tenant", "acme")
             assert created.returncode == 0, created
-            await wait_until(lambda: "a key was created" in out.text, 10, "dev's warning")
-            assert "`agentpool gateway` there requires one" in out.text
+            assert "`agentpool gateway` requires a key unless AGENTPOOL_AUTH=open" in out.text
             anonymous = await http.post("/v1/ask/p", json={"content": "still open?"})
             assert anonymous.status_code == 200, anonymous.text
     finally:
@@ -142,16 +142,13 @@ async def test_a_second_dev_on_a_taken_port_says_who_holds_it_and_leaves_the_fir
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_a_gateway_closed_by_a_created_key_says_why_in_the_401(make_system, settings: Settings) -> None:
+async def test_the_gateways_401_says_why_and_how_to_get_a_key(make_system, settings: Settings) -> None:
     system: System = await make_system(replicas=1)
-    store = KeyStore(system.client.redis, Names(settings.namespace))
-    await store.create("acme", ["ask"])
-    async with running_gateway(settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    closed = replace(settings, auth="required")  # what `agentpool gateway` runs with by default
+    async with running_gateway(closed, system.config) as url, httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/v1/ask/p", json={"content": "hi"})
     assert r.status_code == 401, r.text
-    assert (
-        "keys were created in namespace" in r.json()["error"] and "agentpool keys create" in r.json()["error"]
-    )
+    assert "AGENTPOOL_AUTH=required" in r.json()["error"] and "agentpool keys create" in r.json()["error"]
 
 
 UNHEALTHY = """
