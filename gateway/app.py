@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
     app = Starlette(
         routes=[
             Route("/v1/ask/{pool}", routes.ask, methods=["POST"]),
-            Route("/v1/requests/{request_id}", routes.get_request, methods=["GET"]),
+            Route("/v1/requests/{request_id}", routes.request_resource, methods=["GET", "DELETE"]),
             Route("/v1/requests/{request_id}/resume", routes.resume, methods=["POST"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

@@ -27,6 +27,7 @@ _TYPES = [
     s.ResumeBody,
     s.Accepted,
     s.Running,
+    s.Cancelling,
     s.ErrorBody,
     s.WebhookPayload,
     s.KeyList,
@@ -216,7 +217,18 @@ def _get_request() -> dict[str, Any]:
                 },
                 **_errors(400, 401, 403, 404, 409, 499, 502, 503, 504),
             },
-        }
+        },
+        "delete": {
+            "operationId": "cancelRequest",
+            "summary": "Cancel a running request now (its stream ends with error CANCELLED)",
+            "parameters": [
+                {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "202": _json("Cancelling", "The run is told to stop"),
+                **_errors(401, 403, 404, 409, 503),
+            },
+        },
     }
 
 

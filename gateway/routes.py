@@ -13,10 +13,17 @@ from agentpool.broker.streams import REPLY_TTL_S, entry_order
 from agentpool.gateway import admission
 from agentpool.gateway.auth import owns, require
 from agentpool.gateway.http import JSON, decode, read_body, resume_after, wants_sse
-from agentpool.gateway.schemas import Accepted, AskResponse, PendingApproval, ResumeBody
+from agentpool.gateway.schemas import Accepted, AskResponse, Cancelling, PendingApproval, ResumeBody
 from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS, cancel_on_abandon, frames
 from agentpool.shared import metrics
-from agentpool.shared.errors import Interrupted, NotFound, RequestFailed, status_for_code
+from agentpool.shared.errors import (
+    BadRequest,
+    Interrupted,
+    NotFound,
+    RequestFailed,
+    StateConflict,
+    status_for_code,
+)
 from agentpool.shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
 
 MAX_RESUME_BODY_BYTES = 8 * 1024
@@ -110,16 +117,24 @@ def _paused(event: Interrupt) -> AskResponse:
     )
 
 
-def _sse(client: AgentPoolClient, ticket: Ticket, entries: Any, headers: dict[str, str]) -> Response:
+def _sse(
+    client: AgentPoolClient, ticket: Ticket, entries: Any, headers: dict[str, str], *, caller: bool = True
+) -> Response:
+    """The reply stream as SSE. Only the request's own caller leaving cancels the run (``caller``):
+    a reader of ``GET /v1/requests/{id}`` may be anyone of the tenant, and its going away must not
+    stop an answer someone else is waiting for (``DELETE /v1/requests/{id}`` cancels on purpose)."""
+    on_abandon = cancel_on_abandon(client, ticket.request_id) if caller else _stay
     return StreamingResponse(
-        frames(entries, cancel_on_abandon(client, ticket.request_id)),
-        media_type="text/event-stream",
-        headers={**SSE_HEADERS, **headers},
+        frames(entries, on_abandon), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
     )
 
 
-async def get_request(request: Request) -> Response:
-    """The result of an earlier request, or its stream resumed after ``Last-Event-ID``."""
+def _stay() -> None:
+    """A reader left: the run goes on."""
+
+
+async def _owned_reply(request: Request) -> tuple[AgentPoolClient, str, str]:
+    """(client, request id, reply stream key) of the caller's tenant's request, else 404."""
     client = _client(request)
     principal = await require(request, "ask")
     rid = request.path_params["request_id"]
@@ -127,6 +142,17 @@ async def get_request(request: Request) -> Response:
     # Another tenant's request looks exactly like an unknown one.
     if not (await owns(client, principal, rid) and await client.redis.exists(key)):
         raise NotFound(f"no request {rid!r} (unknown or expired)", error_code="REQUEST_NOT_FOUND")
+    return client, rid, key
+
+
+async def request_resource(request: Request) -> Response:
+    """``/v1/requests/{id}``: GET reads the result or the stream, DELETE cancels."""
+    return await (cancel_request if request.method == "DELETE" else get_request)(request)
+
+
+async def get_request(request: Request) -> Response:
+    """The result of an earlier request, or its stream resumed after ``Last-Event-ID``."""
+    client, rid, key = await _owned_reply(request)
     after = resume_after(request)  # validated in either mode
     last = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrevrange(key, count=1))
     if wants_sse(request):
@@ -134,9 +160,17 @@ async def get_request(request: Request) -> Response:
             # The client has the final event already (an EventSource reconnects after every
             # close): 204 is how SSE says "do not reconnect", instead of an idle stream.
             return Response(status_code=204, headers={"X-Request-ID": rid})
+        if last and entry_order(after) > entry_order(last[0][0]):
+            # No event of this stream has that id, nor will one: the stream's ids only grow
+            # from its newest, which the client has not seen.
+            raise BadRequest(
+                f"Last-Event-ID {after.decode()} is past the newest event of request {rid!r}",
+                error_code="VALIDATION_ERROR",
+                details={"header": "Last-Event-ID", "newest": last[0][0].decode()},
+            )
         ticket = Ticket(rid, "", "", "", "resume")
         entries = client.stream_raw(ticket, after=after, keepalive_s=KEEPALIVE_S)
-        return _sse(client, ticket, entries, {"X-Request-ID": rid})
+        return _sse(client, ticket, entries, {"X-Request-ID": rid}, caller=False)
     for _id, fields in last:
         if fields[b"t"] == b"end":
             return JSON(_answer(msgspec.json.decode(fields[b"d"], type=End)))
@@ -148,6 +182,19 @@ async def get_request(request: Request) -> Response:
             failed.status = status_for_code(err.error_code)
             raise failed
     return JSON({"request_id": rid, "status": "running"}, status_code=202)
+
+
+async def cancel_request(request: Request) -> Response:
+    """``DELETE /v1/requests/{id}``: stop the run now (its stream ends with ``error CANCELLED``);
+    409 when it has ended already."""
+    client, rid, key = await _owned_reply(request)
+    last = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrevrange(key, count=1))
+    if last and last[0][1][b"t"] in FINAL_TYPES:
+        raise StateConflict(
+            f"request {rid!r} has ended already", error_code="REQUEST_ENDED", details={"request_id": rid}
+        )
+    await client.store.cancel(rid)
+    return JSON(Cancelling(request_id=rid), status_code=202)
 
 
 async def healthz(request: Request) -> Response:

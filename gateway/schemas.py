@@ -78,6 +78,13 @@ class Running(msgspec.Struct, kw_only=True):
     status: Literal["running"] = "running"
 
 
+class Cancelling(msgspec.Struct, kw_only=True):
+    """``DELETE /v1/requests/{id}``: the run is told to stop; its stream ends with ``error CANCELLED``."""
+
+    request_id: str
+    status: Literal["cancelling"] = "cancelling"
+
+
 class WebhookError(msgspec.Struct, kw_only=True):
     error: str
     error_code: str

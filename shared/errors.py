@@ -9,7 +9,7 @@
     ├── Forbidden                       403 FORBIDDEN
     ├── NotFound                        404 POOL_NOT_FOUND / REQUEST_NOT_FOUND / NOT_FOUND
     ├── Conflict                        422 IDEMPOTENCY_CONFLICT
-    ├── StateConflict                   409 NOT_WAITING / ALREADY_RESUMED / THREAD_WAITING
+    ├── StateConflict                   409 NOT_WAITING / ALREADY_RESUMED / THREAD_WAITING / REQUEST_ENDED
     ├── RateLimited                     429 RATE_LIMIT_EXCEEDED       (retry_after_s)
     ├── Unavailable                     503 POOL_SATURATED / POOL_LIMIT / BROKER_UNAVAILABLE
     │                                       / REDIS_UNAVAILABLE       (retry_after_s)

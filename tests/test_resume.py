@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -101,3 +103,71 @@ async def test_a_last_event_id_redis_would_refuse_is_a_400_and_breaks_no_stream(
         assert [e["event"] for e in rest] == ["end"]
         ok = await http.post("/v1/ask/p", json={"content": "second"})
         assert ok.status_code == 200 and ok.json()["content"]
+
+
+
+SSE = {"Accept": "text/event-stream"}
+
+
+class Events:
+    """The events of one streaming SSE response, read as far as a test asks."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.seen: list[dict[str, str]] = []
+        self._text = response.aiter_text()
+        self._buf = ""
+
+    async def until(self, chunks: int = 10**6) -> list[dict[str, str]]:
+        """Read until ``chunks`` chunk events have come (or the stream ends)."""
+        async for text in self._text:
+            self._buf += text
+            *blocks, self._buf = self._buf.split("\n\n")
+            self.seen += parse_sse("\n\n".join(blocks)) if blocks else []
+            if sum(e.get("event") == "chunk" for e in self.seen) >= chunks:
+                break
+        return self.seen
+
+
+def _text(events: list[dict[str, str]]) -> str:
+    return "".join(json.loads(e["data"])["text"] for e in events if e.get("event") == "chunk")
+
+
+async def test_a_second_reader_leaving_does_not_cancel_the_request(make_system) -> None:
+    system: System = await make_system(replicas=1, tokens_per_s=60, reply_tokens=30)
+    gateway = running_gateway(system.settings, system.config)
+    async with gateway as url, httpx.AsyncClient(base_url=url) as http:
+        # Given a caller streaming an answer
+        async with http.stream("POST", "/v1/ask/p", json={"content": "keep going", "stream": True}) as r:
+            rid = r.headers["x-request-id"]
+            events = Events(r)
+            await events.until(1)
+            # When a second reader opens the stream, reads one chunk and leaves
+            async with http.stream("GET", f"/v1/requests/{rid}", headers=SSE) as other:
+                await Events(other).until(1)
+            # Then the caller still gets the whole answer, not error CANCELLED
+            mine = await events.until()
+        assert mine[-1]["event"] == "end", mine[-1]
+        assert _text(mine) == json.loads(mine[-1]["data"])["content"]
+
+
+async def test_delete_cancels_a_running_request_and_409s_an_ended_one(make_system) -> None:
+    system: System = await make_system(replicas=1, tokens_per_s=20, reply_tokens=200)
+    gateway = running_gateway(system.settings, system.config)
+    async with gateway as url, httpx.AsyncClient(base_url=url) as http:
+        async with http.stream("POST", "/v1/ask/p", json={"content": "long", "stream": True}) as r:
+            rid = r.headers["x-request-id"]
+            events = Events(r)
+            await events.until(1)
+            # A Last-Event-ID past the newest event of a running request: 400, not an idle stream
+            past = await http.get(f"/v1/requests/{rid}", headers={**SSE, "Last-Event-ID": "99999999999999-0"})
+            assert past.status_code == 400 and past.json()["details"]["header"] == "Last-Event-ID", past.text
+            # DELETE cancels it: the caller's stream ends with error CANCELLED
+            cancelled = await http.delete(f"/v1/requests/{rid}")
+            assert cancelled.status_code == 202, cancelled.text
+            assert cancelled.json() == {"request_id": rid, "status": "cancelling"}
+            seen = await events.until()
+        assert seen[-1]["event"] == "error" and json.loads(seen[-1]["data"])["error_code"] == "CANCELLED"
+        # An ended request: 409; an unknown one: 404
+        again = await http.delete(f"/v1/requests/{rid}")
+        assert again.status_code == 409 and again.json()["error_code"] == "REQUEST_ENDED", again.text
+        assert (await http.delete("/v1/requests/nope")).status_code == 404
