@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 import msgspec
 
@@ -30,7 +31,7 @@ from agentpool.broker.fleet import Activity, Fleet
 from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
 from agentpool.broker.registry import Registry
 from agentpool.broker.router import Router
-from agentpool.broker.streams import ReplyReader, ReplyStore, Subscription
+from agentpool.broker.streams import ATTEMPT_STARTS, CHUNK_COUNT, ReplyReader, ReplyStore, Subscription
 from agentpool.shared import metrics
 from agentpool.shared.config import SAMPLING, Config, Pool, load_config
 from agentpool.shared.errors import (
@@ -370,7 +371,10 @@ class AgentPoolClient:
 
         With ``keepalive_s``, yields ``KEEPALIVE`` whenever that long passes with no entry.
         """
-        sub = sub or self.reader.subscribe(self.names.reply(ticket.request_id), after)
+        if sub is None:
+            key = self.names.reply(ticket.request_id)
+            chunks = await self._chunks_at(key, after) if after != b"0-0" else None
+            sub = self.reader.subscribe(key, after, chunks)
         started = after != b"0-0"
         idle_since = time.monotonic()
         try:
@@ -401,6 +405,18 @@ class AgentPoolClient:
             sub.close()
             if ticket.replica:
                 self.router.finished(ticket.replica)
+
+    async def _chunks_at(self, key: str, entry_id: bytes) -> int | None:
+        """The attempt's chunk count as of a reply entry (None if that entry is gone), so a resumed
+        stream notices a chunk missing right after the point it resumes from."""
+        found = cast(list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrange(key, entry_id, entry_id))
+        if not found:
+            return None
+        fields = found[0][1]
+        count = fields.get(CHUNK_COUNT)
+        if count is not None:
+            return int(count)
+        return 0 if fields[b"t"] in ATTEMPT_STARTS else None
 
     async def _timeout(self, ticket: Ticket, started: bool) -> None:
         code, why = (

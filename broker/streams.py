@@ -37,6 +37,7 @@ from agentpool.shared.messages import (
     Error,
     Event,
     Interrupt,
+    Restart,
     event_fields,
 )
 from agentpool.shared.names import Names
@@ -50,6 +51,11 @@ DONE_TTL_S = 24 * 3600
 THREAD_TTL_S = 7 * 24 * 3600
 THREAD_MAX_ENTRIES = 1000
 BLOCK_MS = 2000
+# Entry field of every entry an attempt's worker writes after its ``start``: how many chunks the
+# attempt has written up to and including this entry. A reader that finds it off by more than its
+# own entry knows text went missing between the worker and itself (a Redis that lost its newest
+# writes), and repairs the stream instead of showing text that the final answer contradicts.
+CHUNK_COUNT = b"n"
 
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
@@ -76,14 +82,19 @@ return {n, hist}
 # KEYS: done, reply, thread; with run options also: run (the paused state to write), waiting (the
 # thread's mark), old run (a paused state to drop). ARGV: 1 kind, 2 event, 3 done ttl, 4 reply ttl,
 # 5 thread ttl, 6 thread max, 7 last chunk or '', 8 run options or '' (JSON: pool, tenant,
-# thread id, paused ttl, the waiting mark to clear or ''), 9 the paused state or '', 10.. turns.
+# thread id, paused ttl, the waiting mark to clear or ''), 9 the paused state or '', 10 the
+# attempt's chunk count after the last chunk (field n, see CHUNK_COUNT) or '', 11.. turns.
 _FINISH = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
-if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 't', 'chunk', 'd', ARGV[7]) end
-redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
+if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 't', 'chunk', 'd', ARGV[7], 'n', ARGV[10]) end
+if ARGV[10] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2], 'n', ARGV[10])
+else
+  redis.call('XADD', KEYS[2], '*', 't', ARGV[1], 'd', ARGV[2])
+end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-if #ARGV > 9 then
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 10))
+if #ARGV > 10 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 11))
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
   redis.call('EXPIRE', KEYS[3], ARGV[5])
 end
@@ -198,17 +209,18 @@ class ReplyStore:
             return status, 0, []
         return status, status, list(res[1])
 
-    async def chunk(self, request_id: str, text: str, attempt: int) -> bool:
-        """Append a chunk; returns True if the request was cancelled meanwhile."""
-        return await self.append(request_id, [Chunk(text=text, attempt=attempt)])
+    async def append(self, request_id: str, events: Sequence[Event], chunks: int = 0) -> bool:
+        """Append events in order, in one round trip; returns True if the request was cancelled.
 
-    async def append(self, request_id: str, events: Sequence[Event]) -> bool:
-        """Append events in order, in one round trip; returns True if the request was cancelled."""
+        ``chunks``: how many chunks this attempt wrote before; each entry carries the count after
+        it (:data:`CHUNK_COUNT`), so a reader sees when one went missing."""
         n = self.names
         key = n.reply(request_id)
         async with self.redis.pipeline(transaction=False) as p:
             for event in events:
+                chunks += type(event) is Chunk
                 fields: dict[Any, Any] = event_fields(event)  # stubs differ per major
+                fields[CHUNK_COUNT] = b"%d" % chunks
                 p.xadd(key, fields)
             p.exists(n.cancel(request_id))
             res = await p.execute()
@@ -224,11 +236,14 @@ class ReplyStore:
         paused: Paused | None = None,
         waiting_key: str = "",
         resumed_from: str = "",
+        chunks: int | None = None,
     ) -> bool:
         """Write the final event (after ``last_chunk``, and with the thread turns) unless one was
-        written already. ``paused`` (with an Interrupt) stores the run and marks the thread
-        ``waiting_key``; a run that ``resumed_from`` a paused one drops that one's state and, when
-        it ends, the thread's mark."""
+        written already. ``chunks``: how many chunks the attempt wrote before ``last_chunk`` (None
+        for a final event not written by the attempt's worker, which carries no count).
+        ``paused`` (with an Interrupt) stores the run and marks the thread ``waiting_key``; a run
+        that ``resumed_from`` a paused one drops that one's state and, when it ends, the thread's
+        mark."""
         n = self.names
         kind = str(type(event).__struct_config__.tag)
         done = n.done(event.request_id)
@@ -256,6 +271,7 @@ class ReplyStore:
                 EVENT_ENCODER.encode(last_chunk) if last_chunk is not None else b"",
                 options,
                 state,
+                "" if chunks is None else chunks + (last_chunk is not None),
                 *turns,
             ],
         )
@@ -308,15 +324,59 @@ def is_stream_id(entry_id: bytes) -> bool:
 Entry = tuple[bytes, bytes, bytes]  # (entry id, type, data json)
 
 
-class Subscription:
-    """The entries of one reply stream after ``last_id``, ending after the final event."""
+ATTEMPT_STARTS = (b"start", b"restart")  # an attempt begins: no chunk of it written yet
+_GAP_FINALS = {b"end": End, b"interrupt": Interrupt}  # final events that carry the attempt's text
 
-    def __init__(self, reader: ReplyReader, key: bytes, last_id: bytes) -> None:
+
+class Subscription:
+    """The entries of one reply stream after ``last_id``, ending after the final event.
+
+    It checks each entry's chunk count (:data:`CHUNK_COUNT`). Once one is off (an entry went
+    missing: a Redis that lost its newest writes, or a restart event lost with them), it drops
+    the attempt's remaining chunks and, before the final event, puts a ``restart`` (reason
+    ``gap``) and one chunk holding the whole text: what a reader shows after its last restart
+    always adds up to the final event's content. ``chunks`` is the count as of ``last_id`` when
+    the caller knows it (None: take the first count seen as it).
+    """
+
+    def __init__(self, reader: ReplyReader, key: bytes, last_id: bytes, chunks: int | None = None) -> None:
         self._reader = reader
         self.key = key
         self.last_id = last_id
         self.queue: asyncio.Queue[Entry] = asyncio.Queue()
         self.finished = False
+        self.chunks = 0 if last_id == b"0-0" else chunks
+        self.gap = False
+
+    def offer(self, entry_id: bytes, kind: bytes, fields: dict[bytes, bytes]) -> None:
+        """Queue one entry read from the stream (the reader's hot path: a lookup and a compare)."""
+        anchor, self.last_id = self.last_id, entry_id
+        count = fields.get(CHUNK_COUNT)
+        if count is not None:
+            n = int(count)
+            if self.chunks is not None and n != self.chunks + (kind == b"chunk"):
+                self.gap = True
+            self.chunks = n
+            if self.gap:
+                if kind == b"chunk":
+                    return
+                if kind in _GAP_FINALS:
+                    self._repair(anchor, kind, fields[b"d"])
+        elif kind in ATTEMPT_STARTS:
+            self.chunks, self.gap = 0, False
+        self.queue.put_nowait((entry_id, kind, fields[b"d"]))
+
+    def _repair(self, anchor: bytes, kind: bytes, data: bytes) -> None:
+        """Before the final event: restart (gap) and the whole text, under the id of the entry before
+        it, so a client resuming from there gets just the final event."""
+        final = msgspec.json.decode(data, type=_GAP_FINALS[kind])
+        restart = Restart(attempt=final.attempt, agent_id=final.agent_id, reason="gap")
+        self.queue.put_nowait((anchor, b"restart", EVENT_ENCODER.encode(restart)))
+        if final.content:
+            chunk = Chunk(text=final.content, attempt=final.attempt)
+            self.queue.put_nowait((anchor, b"chunk", EVENT_ENCODER.encode(chunk)))
+        metrics.stream_gap()
+        log.warning("reply stream %s lost entries; sent the whole text after a restart event", self.key)
 
     def __aiter__(self) -> AsyncIterator[Entry]:
         return self._iter()
@@ -373,11 +433,12 @@ class ReplyReader:
             if c is not None:
                 await c.aclose()
 
-    def subscribe(self, key: str, after: bytes = b"0-0") -> Subscription:
+    def subscribe(self, key: str, after: bytes = b"0-0", chunks: int | None = None) -> Subscription:
+        """Entries after ``after``; ``chunks``: the attempt's chunk count as of ``after``, if known."""
         # One bad id would make Redis refuse the XREAD shared by every subscription.
         if not is_stream_id(after):
             raise ValueError(f"not a stream entry id: {after!r}")
-        sub = Subscription(self, key.encode(), after)
+        sub = Subscription(self, key.encode(), after, chunks)
         self._subs.setdefault(sub.key, []).append(sub)
         self._has_subs.set()
         self._wake()
@@ -461,8 +522,7 @@ class ReplyReader:
                     if entry_order(entry_id) <= floor:
                         continue
                     kind = fields[b"t"]
-                    sub.queue.put_nowait((entry_id, kind, fields[b"d"]))
-                    sub.last_id = entry_id
+                    sub.offer(entry_id, kind, fields)
                     if kind in FINAL_TYPES:
                         self._remove(sub)  # nothing follows a final event: stop reading it
                         break

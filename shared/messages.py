@@ -110,10 +110,13 @@ class Chunk(msgspec.Struct, tag="chunk", kw_only=True):
 
 
 class Restart(msgspec.Struct, tag="restart", kw_only=True):
-    """A new attempt begins (the earlier worker died or gave the request back): drop its chunks."""
+    """Drop the chunks shown so far: a new attempt begins (the earlier worker died or gave the
+    request back), or (``reason`` gap) the reader found chunks of this attempt missing and the
+    next chunk holds the whole text."""
 
     attempt: int
     agent_id: str
+    reason: Literal["attempt", "gap"] = "attempt"
 
 
 class ToolCall(msgspec.Struct, tag="tool_call", kw_only=True):

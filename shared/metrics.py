@@ -86,6 +86,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.stream_gaps = Counter(
+            "agentpool_reply_stream_gaps",
+            "Reply streams found missing entries (Redis lost its newest writes) and repaired with a "
+            "restart event and the whole text",
+            registry=r,
+        )
+        self.redis_persistence = Gauge(
+            "agentpool_redis_persistence",
+            "1: Redis keeps writes across a restart (AOF, or RDB snapshots); 0: a restart loses threads, "
+            "keys and pending work; -1: unknown (CONFIG GET refused)",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.pool_ready = Gauge(
             "agentpool_pool_replicas_ready",
             "Replicas of the pool ready per the heartbeats this process sees",
@@ -297,6 +310,18 @@ def reader_lag(seconds: float) -> None:
     m = get()
     if m is not None:
         m.reader_lag.set(seconds)
+
+
+def stream_gap() -> None:
+    m = get()
+    if m is not None:
+        m.stream_gaps.inc()
+
+
+def redis_persistence(value: int) -> None:
+    m = get()
+    if m is not None:
+        m.redis_persistence.set(value)
 
 
 def pool_ready(pool: str, replicas: int) -> None:

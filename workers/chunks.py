@@ -32,6 +32,7 @@ class ChunkWriter:
         self._pending: list[Pending] = []
         self._events = 0  # step events among the pending items
         self.parts: list[str] = []  # every piece of text emitted, in order
+        self.chunks = 0  # chunk entries written so far (each entry carries the count, see CHUNK_COUNT)
         self._wake = asyncio.Event()
         self._closing = False
         self._keep_tail = False
@@ -92,7 +93,9 @@ class ChunkWriter:
         return out
 
     async def _write(self, events: list[Event]) -> None:
-        if await self._store.append(self._request_id, events) and self.on_cancel is not None:
+        before = self.chunks
+        self.chunks += sum(type(e) is Chunk for e in events)
+        if await self._store.append(self._request_id, events, before) and self.on_cancel is not None:
             self.on_cancel()
 
     async def close(self) -> None:

@@ -381,6 +381,7 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
     won = await worker.store.finish(
         event,
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
+        chunks=run.writer.chunks,
         paused=Paused(PAUSED_ENCODER.encode(paused), req.pool, req.tenant, req.thread_id),
         waiting_key=names.waiting(req.tenant, req.thread_id),
         resumed_from=_resumed_from(req),
@@ -424,6 +425,7 @@ async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcom
         thread_key="" if stateless else worker.names.thread(req.tenant, req.thread_id),
         turns=[] if stateless else [MESSAGE_ENCODER.encode(m) for m in closed],
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
+        chunks=writer.chunks,
         **_resume_ends(worker, req),
     )
     if won and cold_ms:
