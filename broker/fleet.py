@@ -8,13 +8,17 @@ so every one of them reads the same keys the same way:
   only ``min_replicas`` per deployment until a request wakes it; ``requests`` hash pool -> count;
 - ``restart:{pool}`` the rolling-restart generation; replicas started before it are replaced;
 - channel ``fleet``: a nudge (``desired:``/``wake:``/``restart:``/``tenant:`` + pool) so supervisors
-  act at once instead of at their next poll.
+  act at once instead of at their next poll;
+- ``fleet:epoch`` a token the first supervisor writes; finding it gone means Redis lost its data,
+  and each running supervisor writes back what it remembers (:class:`FleetMemory`).
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 import redis.asyncio as aredis
@@ -23,6 +27,8 @@ from agentpool.broker import tenants
 from agentpool.broker.registry import Registry, ReplicaInfo
 from agentpool.shared.config import Config, Pool
 from agentpool.shared.names import Names
+
+log = logging.getLogger("agentpool.fleet")
 
 PoolHealth = Literal["healthy", "degraded", "unhealthy", "idle"]
 
@@ -35,6 +41,7 @@ class FleetKeys:
         self.requests = f"{ns}:requests"
         self.cold_starts = f"{ns}:cold_starts"
         self.channel = f"{ns}:fleet"
+        self.epoch = f"{ns}:fleet:epoch"
 
     def restart(self, pool: str) -> str:
         return f"{self.names.ns}:restart:{pool}"
@@ -113,7 +120,11 @@ class Fleet:
         res = await pipe.execute()
         k = len(cfg.deployments)
         pairs = zip(cfg.deployments, res[:k], strict=True)
-        base = {d.name: int(raw) if raw is not None else d.replicas for d, raw in pairs}
+        base, stored = {}, []
+        for d, raw in pairs:
+            base[d.name] = int(raw) if raw is not None else d.replicas
+            if raw is not None:
+                stored.append(d.name)
         last, gen, requests, cold = res[k:]
         now = now or time.time()
         last_at = float(last) if last is not None else None
@@ -121,6 +132,7 @@ class Fleet:
             name=pool,
             config=cfg,
             base=base,
+            stored=stored,
             last_request_at=last_at,
             restart_generation=int(gen or 0),
             requests=int(requests or 0),
@@ -136,10 +148,75 @@ class Fleet:
         return [await self.status(p) for p in await self.pool_names()]
 
 
+class FleetMemory:
+    """What one supervisor has seen of the fleet's Redis state, so that a Redis that lost its data
+    (a restart without persistence) never scales a pool down or forgets a count set at run time.
+
+    While a desired count or an activity record it saw is missing, the supervisor goes on with the
+    remembered value (:meth:`fill`). When the epoch token is gone, Redis lost everything: it writes
+    back the desired counts and the per-tenant pools it knew, and marks every pool used now, so the
+    idle clock starts again from the loss rather than treating the pools as long idle.
+    """
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.epoch: bytes | None = None
+        self.desired: dict[tuple[str, str], int] = {}
+        self.activity: dict[str, float] = {}
+        self.tenant_pools: set[str] = set()
+
+    async def check(self) -> bool:
+        """True when Redis lost the fleet's state since the last check (restored by then)."""
+        redis, key = self.fleet.redis, self.fleet.keys.epoch
+        found = cast(bytes | None, await redis.get(key))
+        if found is not None:
+            self.epoch = found
+            return False
+        await redis.set(key, self.epoch or secrets.token_hex(8).encode(), nx=True)
+        lost, self.epoch = self.epoch is not None, cast(bytes | None, await redis.get(key))
+        if lost:
+            await self.restore()
+        return lost
+
+    async def restore(self) -> None:
+        log.warning(
+            "Redis lost the fleet's state (a restart without persistence?): writing back %d desired "
+            "count(s) and %d per-tenant pool(s) from memory; every pool counts as used now",
+            len(self.desired),
+            len(self.tenant_pools),
+        )
+        now = time.time()
+        pipe = self.fleet.redis.pipeline(transaction=False)
+        for (pool, dep), n in self.desired.items():
+            pipe.set(self.fleet.names.desired(pool, dep), n, nx=True)
+        for pool in {*self.activity, *self.tenant_pools}:
+            pipe.zadd(self.fleet.keys.activity, {pool: now}, gt=True)
+        await pipe.execute()
+        for name in sorted(self.tenant_pools):
+            await self.fleet.tenants.ensure(name, now)
+
+    def saw_pools(self, listed: list[str]) -> None:
+        self.tenant_pools = {p for p in listed if tenants.split(p) is not None}
+
+    def fill(self, snap: PoolSnapshot) -> PoolSnapshot:
+        """Remember what Redis holds; where it holds nothing, take what it held before."""
+        for dep in snap.base:
+            if dep in snap.stored:
+                self.desired[(snap.name, dep)] = snap.base[dep]
+            elif (snap.name, dep) in self.desired:
+                snap.base[dep] = self.desired[(snap.name, dep)]
+        if snap.last_request_at is not None:
+            self.activity[snap.name] = snap.last_request_at
+        else:
+            snap.last_request_at = self.activity.get(snap.name)
+        return snap
+
+
 class PoolSnapshot(msgspec.Struct, kw_only=True):
     name: str
     config: Pool
     base: dict[str, int]  # desired replicas per deployment (Redis, else the pools file)
+    stored: list[str] = []  # the deployments whose desired count came from Redis
     last_request_at: float | None
     restart_generation: int
     requests: int

@@ -453,3 +453,39 @@ async def test_a_standby_process_takes_the_next_slot(make_system, tmp_path: Path
         assert reply.content
     # And on shutdown the spare is ended too (it holds no slot, so it just exits)
     assert sup.standby.proc is None and spare.returncode is not None
+
+
+async def test_a_redis_that_lost_everything_scales_no_pool_down(make_system, tmp_path: Path) -> None:
+    """Desired counts set at run time and pool activity come back from the supervisor's memory, and no
+    replica is stopped because the records went missing (a Redis restart without persistence)."""
+    path, config = pools_file(tmp_path, replicas=1, pool_extra="idle_timeout_s = 60\nmin_replicas = 0")
+    system: System = await make_system(config, start=False)
+    client = system.client
+    async with supervisors(system.settings, path, config) as (sup,):
+        # Given a pool scaled to 3 at run time, in use
+        await client.fleet.set_desired("p", "main", 3)
+        await wait_until(lambda: _ready_is(client, 3), 30, "3 ready replicas")
+        pids = {key: r.proc.pid for key, r in sup.replicas.items() if r.proc is not None}
+        assert len(pids) == 3
+        # When Redis loses every key of the namespace
+        redis = client.redis
+        await redis.delete(*[k async for k in redis.scan_iter(match=client.names.pattern())])
+
+        # Then the supervisor writes back the desired count and marks the pool used
+        async def restored() -> bool:
+            desired, active = await redis.get(client.names.desired("p", "main")), await redis.zscore(
+                client.fleet.keys.activity, "p"
+            )
+            return desired == b"3" and active is not None
+
+        await wait_until(restored, 10, "the desired count and the activity written back")
+        status = await client.fleet.status("p")
+        assert status.deployments[0].desired == 3 and not status.asleep
+        await wait_until(lambda: _ready_is(client, 3), 10, "3 replicas heard from again")
+        # and none of the 3 replicas was stopped or replaced
+        assert {key: r.proc.pid for key, r in sup.replicas.items() if r.proc is not None} == pids
+        assert all(r.proc.returncode is None for r in sup.replicas.values() if r.proc is not None)
+
+
+async def _ready_is(client: object, n: int) -> bool:
+    return len(await ready(client)) == n  # type: ignore[arg-type]

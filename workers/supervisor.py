@@ -24,7 +24,7 @@ import math
 import time
 
 from agentpool.broker import tenants
-from agentpool.broker.fleet import Fleet, PoolSnapshot
+from agentpool.broker.fleet import Fleet, FleetMemory, PoolSnapshot
 from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id
 from agentpool.broker.redis_conn import REDIS_ERRORS, connect
 from agentpool.shared.config import Config
@@ -72,6 +72,7 @@ class Supervisor:
         self.leases = Leases(self.redis, self.names, self.owner)
         self.peers = Peers(self.redis, self.names, self.owner)
         self.fleet = Fleet(self.redis, self.names, config)
+        self.memory = FleetMemory(self.fleet)  # puts back what a Redis that lost its data forgot
         self.replicas: dict[tuple[str, str, int], Replica] = {}
         self.restarts: dict[str, rolling.Step] = {}
         self._nudge = asyncio.Event()
@@ -214,7 +215,9 @@ class Supervisor:
         return [p for p in dict.fromkeys([*await self.fleet.pool_names(), *running]) if self.wants(p)]
 
     async def reconcile(self) -> None:
+        await self.memory.check()
         listed = await self.fleet.pool_names()
+        self.memory.saw_pools(listed)
         running = [r.pool for r in self.replicas.values()]
         self._pools = [p for p in dict.fromkeys([*listed, *running]) if self.wants(p)]
         peers = await self.peers.beat(self._pools, int(time.time() * 1000))
@@ -222,7 +225,7 @@ class Supervisor:
             cfg = self.fleet.pool_config(pool)
             if cfg is None:
                 continue
-            snap = await self.fleet.snapshot(pool)
+            snap = self.memory.fill(await self.fleet.snapshot(pool))
             for dep in cfg.deployments:
                 want = snap.desired(dep.name) if pool in listed else 0  # an evicted tenant pool: none
                 await self._deployment(snap, dep.name, want, peers.get(pool, 1))
