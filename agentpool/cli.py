@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
     except Unavailable as e:
-        print(f"agentpool: {e.message}", file=sys.stderr)
+        print(f"agentpool: {e.message}" + (f" at {e.internal}" if e.internal else ""), file=sys.stderr)
         return EXIT_UNAVAILABLE
     except AgentPoolError as e:  # e.g. `agentpool status nosuch`: the API's answer, as one line
         print(f"agentpool: {e.message}", file=sys.stderr)

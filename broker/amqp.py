@@ -41,9 +41,10 @@ class QueueGone(Unavailable):
 def broker_unavailable(url: str, exc: BaseException | None = None) -> Unavailable:
     why = f": {exc}" if exc else ""
     return Unavailable(
-        f"RabbitMQ is not reachable at {redact_url(url)}{why}",
+        "RabbitMQ is not reachable",
         error_code="BROKER_UNAVAILABLE",
         retry_after_s=2,
+        internal=f"{redact_url(url)}{why}",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import redis.asyncio as aredis
@@ -12,6 +13,8 @@ from agentpool.shared.errors import Unavailable
 from agentpool.shared.settings import redact_url
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+log = logging.getLogger("agentpool.redis")
 
 
 POOL_WAIT_S = 5.0  # a command waits this long for a free pooled connection before it fails
@@ -26,7 +29,14 @@ def connect(
     through one gateway do that), a command waits for a connection instead of failing at once
     with ``MaxConnectionsError``, which redis-py's default pool raises.
     """
-    options: dict[str, object] = {"socket_timeout": 10, "socket_connect_timeout": 5, **kwargs}
+    # health_check_interval: a pooled connection idle that long is PINGed before use, so the
+    # connections a Redis restart left dead are replaced on first use instead of failing a command
+    options: dict[str, object] = {
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 5,
+        **kwargs,
+    }
     if single_connection_client:
         return aredis.Redis.from_url(url, single_connection_client=True, **options)  # type: ignore[arg-type]
     pool = aredis.BlockingConnectionPool.from_url(
@@ -38,9 +48,10 @@ def connect(
 def redis_unavailable(url: str, exc: BaseException | None = None) -> Unavailable:
     why = f": {exc}" if exc else ""
     return Unavailable(
-        f"Redis is not reachable at {redact_url(url)}{why}",
+        "Redis is not reachable",
         error_code="REDIS_UNAVAILABLE",
         retry_after_s=2,
+        internal=f"{redact_url(url)}{why}",
     )
 
 
@@ -51,3 +62,45 @@ def translated(url: str) -> Iterator[None]:
         yield
     except REDIS_ERRORS as e:
         raise redis_unavailable(url, e) from e
+
+
+VOLATILE_LOSES = (
+    "thread history, API keys, idempotency claims, pending webhooks, paused runs and desired replica counts"
+)
+
+
+async def check_persistence(r: aredis.Redis, url: str, who: str) -> int:
+    """Does Redis keep writes across a restart? 1: append-only file on; 0: off (warned, loudly);
+    -1: unknown (``CONFIG GET`` refused, as managed Redis services do). Sets the metric too."""
+    from agentpool.shared import metrics
+
+    try:
+        aof = await r.config_get("appendonly")
+        save = await r.config_get("save")
+    except redis.exceptions.ResponseError:
+        metrics.redis_persistence(-1)
+        log.info(
+            "%s: Redis at %s does not allow CONFIG GET; make sure it runs with appendonly yes",
+            who,
+            redact_url(url),
+        )
+        return -1
+    value = 1 if _value(aof, "appendonly") == "yes" else 0
+    metrics.redis_persistence(value)
+    if not value:
+        snapshots = _value(save, "save")
+        log.warning(
+            "%s: Redis at %s runs without an append-only file (appendonly no, save %r): a restart loses "
+            "%s%s. Run it with deploy/redis/redis.conf (appendonly yes, appendfsync everysec).",
+            who,
+            redact_url(url),
+            snapshots,
+            VOLATILE_LOSES,
+            " written since the last snapshot" if snapshots else "",
+        )
+    return value
+
+
+def _value(reply: object, name: str) -> str:
+    raw = reply.get(name, reply.get(name.encode(), "")) if isinstance(reply, dict) else ""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

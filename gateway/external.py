@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.redis_conn import check_persistence
 from agentpool.gateway import keys_api, openapi
 from agentpool.gateway.auth import Authenticator, Principal, config_keys
 from agentpool.gateway.background import Background
@@ -54,6 +55,7 @@ async def lifespan(
 ) -> AsyncIterator[None]:
     """Attach the parts to ``app.state`` for the handlers; stop the background work at the end."""
     st = app.state
+    await check_persistence(client.redis, settings.redis_url, "gateway")
     st.auth = Authenticator(KeyStore(client.redis, client.names), prepared.keys, settings.auth)
     st.limiter = RateLimiter(client.redis, settings.redis_url)
     st.idempotency = Idempotency(client.redis, client.names)

@@ -109,6 +109,12 @@ class Unavailable(AgentPoolError):
     status = 503
     error_code = "UNAVAILABLE"
 
+    def __init__(self, message: str, *, internal: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        # Where and why (a URL, a socket error): for logs and the CLI, never for an HTTP body,
+        # which any caller (authenticated or not) may see.
+        self.internal = internal
+
 
 class QueueTimeout(AgentPoolError):
     status = 504

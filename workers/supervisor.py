@@ -26,7 +26,7 @@ import time
 from agentpool.broker import tenants
 from agentpool.broker.fleet import Fleet, FleetMemory, PoolSnapshot
 from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id
-from agentpool.broker.redis_conn import REDIS_ERRORS, connect
+from agentpool.broker.redis_conn import REDIS_ERRORS, check_persistence, connect
 from agentpool.shared.config import Config
 from agentpool.shared.errors import Unavailable
 from agentpool.shared.names import Names, replica_id
@@ -121,6 +121,7 @@ class Supervisor:
     async def boot(self) -> None:
         """Pre-warm: pools with ``prewarm`` count as used now; configured tenants get their pools."""
         try:
+            await check_persistence(self.redis, self.settings.redis_url, "supervisor")
             for name in tenants.configured(self.config):
                 if self.wants(name):
                     await self._ensure_tenant_pool(name)
