@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
-    gw.add_argument("--host", default="0.0.0.0")
+    gw.add_argument(
+        "--host",
+        default=os.environ.get("AGENTPOOL_HOST") or "127.0.0.1",
+        help="default $AGENTPOOL_HOST or 127.0.0.1 (containers pass 0.0.0.0)",
+    )
     gw.add_argument(
         "--port", type=int, default=_env_port("AGENTPOOL_PORT", 8080), help="default $AGENTPOOL_PORT or 8080"
     )
@@ -68,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--drain-timeout-s", type=float, default=30.0)
     w.add_argument("--metrics-port", type=int, help="serve this replica's /metrics (outside a supervisor)")
+    w.add_argument("--metrics-host", default=_METRICS_HOST, help=_METRICS_HOST_HELP)
 
     ws = sub.add_parser("workers", help="run the supervisor: keep deployments at their desired replicas")
     ws.add_argument("--pool", action="append", help="only these pools (repeatable)")
@@ -77,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env_port("AGENTPOOL_METRICS_PORT", 9464),
         help="one /metrics summing every worker (default $AGENTPOOL_METRICS_PORT or 9464; 0 = any free port)",
     )
+    ws.add_argument("--metrics-host", default=_METRICS_HOST, help=_METRICS_HOST_HELP)
     ws.add_argument(
         "--no-standby",
         dest="standby",
@@ -102,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="probe RabbitMQ and Redis and the pools file; exit 0 if all are fine")
     keys_cmd.add_parser(sub)
     return p
+
+
+_METRICS_HOST = os.environ.get("AGENTPOOL_METRICS_HOST") or "127.0.0.1"
+_METRICS_HOST_HELP = (
+    "where /metrics listens (default $AGENTPOOL_METRICS_HOST or 127.0.0.1; containers pass 0.0.0.0)"
+)
 
 
 def _env_port(name: str, default: int) -> int:
@@ -167,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         "dev": lambda: _dev(settings, config, args.host, args.port, args.metrics_port),
         "gateway": lambda: _gateway(settings, config, args.host, args.port),
         "worker": lambda: _worker(settings, config, args),
-        "workers": lambda: _workers(settings, config, args.pool, args.metrics_port, args.standby),
+        "workers": lambda: _workers(
+            settings, config, args.pool, args.metrics_port, args.standby, args.metrics_host
+        ),
         "scale": lambda: _scale(settings, config, args.pool, args.deployment, args.replicas),
         "check": lambda: _check(settings),
         "status": lambda: _status(settings, config, args.pool),
@@ -258,6 +272,7 @@ def _worker(settings: Settings, config: Config, args: argparse.Namespace) -> int
         args.replica,
         drain_timeout_s=args.drain_timeout_s,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -272,21 +287,33 @@ def _busy(host: str, port: int, flag: str) -> bool:
 
 
 def _workers(
-    settings: Settings, config: Config, pools: list[str] | None, metrics_port: int | None, standby: bool
+    settings: Settings,
+    config: Config,
+    pools: list[str] | None,
+    metrics_port: int | None,
+    standby: bool,
+    metrics_host: str,
 ) -> int:
     import uvloop
 
+    from agentpool.workers.fleet_metrics import FleetMetrics
     from agentpool.workers.main import install_stop_signals
     from agentpool.workers.supervisor import Supervisor
 
-    if metrics_port and _busy("0.0.0.0", metrics_port, "--metrics-port"):
+    if metrics_port and _busy(metrics_host, metrics_port, "--metrics-port"):
         return EXIT_PORT_IN_USE
 
     async def run() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
         # metrics_port: one endpoint summing every worker
-        sup = Supervisor(settings, config, pools=pools, metrics_port=metrics_port, standby=standby)
+        sup = Supervisor(
+            settings,
+            config,
+            pools=pools,
+            metrics=FleetMetrics(metrics_port, addr=metrics_host) if metrics_port is not None else None,
+            standby=standby,
+        )
         await sup.async_run(stop)
 
     uvloop.run(run())

@@ -37,7 +37,9 @@ def manifests() -> list[dict[str, Any]]:
 
 
 def k8s_pools() -> Config:
-    (config_map,) = [d for d in manifests() if d["kind"] == "ConfigMap"]
+    (config_map,) = [
+        d for d in manifests() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "agentpool-pools"
+    ]
     return parse_config(config_map["data"]["pools.toml"], "deploy/k8s/config.yaml")
 
 
@@ -86,3 +88,29 @@ def test_keda_counts_the_queues_workers_consume(n: int) -> None:
     assert pattern.match(names.replica_queue(replica_id(pool, deployment, n)))
     assert not pattern.match(names.parking_queue(pool))  # parked requests are not work to scale on
     assert not pattern.match(names.replica_queue(replica_id("other", deployment, n)))
+
+
+def _directives(text: str) -> list[str]:
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def test_every_shipped_redis_keeps_its_data_and_listens_only_where_asked() -> None:
+    """Compose, scripts/services and the Kubernetes manifests all run deploy/redis/redis.conf (an
+    append-only file, fsync every second); compose publishes each port on 127.0.0.1 only and takes
+    the Redis and RabbitMQ credentials from the environment."""
+    conf = _directives((ROOT / "deploy/redis/redis.conf").read_text())
+    assert "appendonly yes" in conf and "appendfsync everysec" in conf
+    (k8s_conf,) = [d for d in manifests() if d.get("metadata", {}).get("name") == "agentpool-redis-conf"]
+    assert _directives(k8s_conf["data"]["redis.conf"]) == conf
+    (statefulset,) = [d for d in manifests() if d["kind"] == "StatefulSet"]
+    assert statefulset["spec"]["template"]["spec"]["containers"][0]["args"][0] == "/etc/redis/redis.conf"
+    assert "deploy/redis/redis.conf" in (ROOT / "scripts/services").read_text()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert "./deploy/redis/redis.conf:/usr/local/etc/redis/redis.conf:ro" in services["redis"]["volumes"]
+    assert services["redis"]["command"][:2] == ["redis-server", "/usr/local/etc/redis/redis.conf"]
+    assert "--requirepass" in services["redis"]["command"]
+    assert "AGENTPOOL_RABBITMQ_PASSWORD" in services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_PASS"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)

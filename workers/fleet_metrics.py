@@ -23,7 +23,7 @@ DEFAULT_PORT = 9464
 
 
 class FleetMetrics:
-    def __init__(self, port: int | None, addr: str = "0.0.0.0") -> None:
+    def __init__(self, port: int | None, addr: str = "127.0.0.1") -> None:
         self.port = port  # None: no endpoint; 0: any free port (see .port once started)
         self.addr = addr
         self.fleet = metrics.Fleet()

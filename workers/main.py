@@ -48,6 +48,7 @@ def run_worker(
     n: int | None,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     async def main() -> None:
         stop = asyncio.Event()
@@ -60,7 +61,7 @@ def run_worker(
     # Outside a supervisor a replica may serve its own metrics; under one, the supervisor serves them all.
     endpoint = None
     if metrics_port is not None and metrics.enabled():
-        endpoint = metrics.serve(metrics_port, "0.0.0.0", metrics.process_registry())
+        endpoint = metrics.serve(metrics_port, metrics_host, metrics.process_registry())
     try:
         uvloop.run(main())
     finally:
