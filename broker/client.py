@@ -216,6 +216,7 @@ class AgentPoolClient:
         context_variables: dict[str, str] | None = None,
         request_id: str | None = None,
         traceparent: str | None = None,
+        keep_s: int = 0,
         track: bool = False,
         chat: Chat | None = None,
     ) -> Ticket:
@@ -249,6 +250,7 @@ class AgentPoolClient:
             context_variables=context_variables or {},
             traceparent=traceparent,
             chat=chat,
+            keep_s=keep_s,
         )
         replica, tier = await self._publish(req, p, track, route_key)
         return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)

@@ -237,13 +237,14 @@ class ReplyStore:
         waiting_key: str = "",
         resumed_from: str = "",
         chunks: int | None = None,
+        keep_s: int = 0,
     ) -> bool:
         """Write the final event (after ``last_chunk``, and with the thread turns) unless one was
         written already. ``chunks``: how many chunks the attempt wrote before ``last_chunk`` (None
         for a final event not written by the attempt's worker, which carries no count).
         ``paused`` (with an Interrupt) stores the run and marks the thread ``waiting_key``; a run
         that ``resumed_from`` a paused one drops that one's state and, when it ends, the thread's
-        mark."""
+        mark. ``keep_s``: keep the reply stream that long after the end, if more than the usual hour."""
         n = self.names
         kind = str(type(event).__struct_config__.tag)
         done = n.done(event.request_id)
@@ -265,7 +266,7 @@ class ReplyStore:
                 kind,
                 EVENT_ENCODER.encode(event),
                 DONE_TTL_S,
-                REPLY_TTL_AFTER_END_S,
+                max(REPLY_TTL_AFTER_END_S, keep_s),
                 THREAD_TTL_S,
                 THREAD_MAX_ENTRIES,
                 EVENT_ENCODER.encode(last_chunk) if last_chunk is not None else b"",

@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 import redis.exceptions
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
 from agentpool.broker.redis_conn import redis_unavailable
 from agentpool.gateway import admin, anthropic_compat, external, openai_compat, routes
-from agentpool.gateway.http import error_response
+from agentpool.gateway.http import error_response, on_client_gone
 from agentpool.shared.config import Config, load_config
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
 from agentpool.shared.settings import Settings
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             HTTPException: _on_http_error,
             redis.exceptions.ConnectionError: _on_redis_error,
             redis.exceptions.TimeoutError: _on_redis_error,
+            ClientDisconnect: on_client_gone,
         },
     )
     app.state.settings = settings
@@ -80,4 +81,4 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
             str(exc.detail), error_code="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST"
         )
         err.status = exc.status_code
-    return error_response(err)
+    return error_response(err, exc.headers)  # a 405's Allow

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -13,6 +15,7 @@ from starlette.responses import Response
 from agentpool.broker.streams import is_stream_id
 from agentpool.shared.errors import AgentPoolError, BadRequest, PayloadTooLarge
 
+log = logging.getLogger("agentpool.gateway")
 T = TypeVar("T")
 _ENC = msgspec.json.Encoder()
 
@@ -24,15 +27,16 @@ class JSON(Response):
         return _ENC.encode(content)
 
 
-def error_headers(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> dict[str, str]:
-    """The headers of an error answer: ``extra_headers`` (the rate limit's) and ``Retry-After``."""
+def error_headers(err: AgentPoolError, extra_headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The headers of an error answer: ``extra_headers`` (the rate limit's, a 405's Allow) and
+    ``Retry-After``."""
     headers = dict(extra_headers or {})
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
     return headers
 
 
-def error_response(err: AgentPoolError, extra_headers: dict[str, str] | None = None) -> Response:
+def error_response(err: AgentPoolError, extra_headers: Mapping[str, str] | None = None) -> Response:
     return JSON(err.body(), status_code=err.status, headers=error_headers(err, extra_headers))
 
 
@@ -93,3 +97,31 @@ def resume_after(request: Request) -> bytes:
             details={"header": "Last-Event-ID"},
         )
     return after.encode()
+
+
+TRACEPARENT_CHARS = 55  # version 00: 00-<32 hex trace-id>-<16 hex parent-id>-<2 hex flags>
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def traceparent(request: Request) -> str | None:
+    """The W3C ``traceparent``, as version 00; None when absent or invalid.
+
+    W3C Trace Context says an invalid one is ignored, not refused, so it is dropped: nothing longer
+    than 55 characters is queued or stored. A later version's extra fields are dropped likewise."""
+    raw = request.headers.get("traceparent")
+    if raw is None or len(raw) < TRACEPARENT_CHARS:
+        return None
+    m = _TRACEPARENT.fullmatch(raw, 0, TRACEPARENT_CHARS)
+    if m is None or m[2] == "0" * 32 or m[3] == "0" * 16 or m[1] == "ff":
+        return None
+    if len(raw) > TRACEPARENT_CHARS and (m[1] == "00" or raw[TRACEPARENT_CHARS] != "-"):
+        return None
+    flags = m[4] if m[1] == "00" else f"{int(m[4], 16) & 1:02x}"  # of a later version: only "sampled"
+    return f"00-{m[2]}-{m[3]}-{flags}"
+
+
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    """The client left before its body was read whole: nothing of it was queued, so nothing is lost.
+    The answer goes nowhere; it only ends the handler without an ERROR traceback."""
+    log.debug("client disconnected before its body was read", extra={"path": request.url.path})
+    return Response(status_code=499)

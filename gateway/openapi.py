@@ -378,7 +378,13 @@ _THREAD_HEADER = {
     "without it the call is stateless",
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
 }
-_SSE_TEXT = {"type": "string", "description": "The API's own stream events, as its SDKs read them"}
+_SSE_TEXT = {  # one event of the OpenAI or Anthropic stream, as its SDKs read it
+    "type": "object",
+    "required": ["data"],
+    "description": "The API's own stream events, as its SDKs read them: data is one JSON chunk "
+    "(OpenAI: a chat.completion.chunk, and [DONE] at the end; Anthropic: the event named by event)",
+    "properties": {"event": _STR, "data": _STR, "id": _STR},
+}
 
 
 def _shaped_errors(schema: dict[str, Any], *statuses: int) -> dict[str, Any]:

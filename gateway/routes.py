@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any, cast
 
 import msgspec
@@ -22,6 +23,7 @@ from agentpool.shared.errors import (
     NotFound,
     RequestFailed,
     StateConflict,
+    Unauthorized,
     status_for_code,
 )
 from agentpool.shared.messages import FINAL_TYPES, End, Error, Interrupt, Timings
@@ -210,8 +212,13 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_text(request: Request) -> Response:
-    """Prometheus scrape of this gateway process; 404 when metrics are off (AGENTPOOL_METRICS=0)."""
+    """Prometheus scrape of this gateway process; 404 when metrics are off (AGENTPOOL_METRICS=0);
+    with ``AGENTPOOL_METRICS_TOKEN`` set, only for ``Authorization: Bearer <that token>``."""
     if not metrics.enabled():
         raise NotFound("metrics are disabled (AGENTPOOL_METRICS=0)")
+    token = request.app.state.settings.metrics_token
+    sent = request.headers.get("authorization", "").encode("latin-1")  # how Starlette decoded it
+    if token and not hmac.compare_digest(sent, f"Bearer {token}".encode()):
+        raise Unauthorized("/metrics needs Authorization: Bearer <AGENTPOOL_METRICS_TOKEN>")
     body, content_type = metrics.exposition()
     return Response(body, headers={"Content-Type": content_type})

@@ -117,7 +117,7 @@ class Revoked(msgspec.Struct, kw_only=True):
 
 
 class WebhookSecret(msgspec.Struct, kw_only=True):
-    """The secret that signs this tenant's webhooks (HMAC-SHA256 of the body)."""
+    """The secret that signs this tenant's webhooks: HMAC-SHA256 of ``f"{X-Webhook-Timestamp}."`` + body."""
 
     tenant: str
     secret: str

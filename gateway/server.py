@@ -1,4 +1,4 @@
-"""Serving the gateway with uvicorn (uvloop + httptools)."""
+"""Serving the gateway with uvicorn (uvloop + httptools, bounded by gateway/guard.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from agentpool.gateway.app import create_app
+from agentpool.gateway.guard import guarded
 from agentpool.shared.config import Config
 from agentpool.shared.settings import Settings
 
@@ -29,11 +30,12 @@ def server(
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=guarded(settings),  # httptools, bounded: head size, URL, head timeout, connections
         lifespan="on",
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keepalive_s,
         server_header=False,
     )
     return (EmbeddedServer if embedded else uvicorn.Server)(cfg)

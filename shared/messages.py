@@ -34,6 +34,7 @@ class Request(msgspec.Struct, kw_only=True, omit_defaults=True):
     traceparent: str | None = None
     resume: Resume | None = None  # continues an interrupted run instead of starting one
     chat: Chat | None = None  # an OpenAI- or Anthropic-style call: its conversation and options
+    keep_s: int = 0  # keep the result this long after its end (an Idempotency-Key's 24 h); 0: an hour
 
 
 class ToolSpec(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):

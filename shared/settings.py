@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from agentpool.shared.config import EXAMPLE_CONFIG
@@ -30,6 +31,15 @@ class Settings:
     # unless AGENTPOOL_AUTH is set). A key that is sent is always checked. Nothing kept in Redis
     # decides this, so a Redis that lost its data can only refuse callers, never let them in.
     auth: str = "required"
+    # When set, GET /metrics needs `Authorization: Bearer <token>` (Prometheus: authorization.credentials)
+    metrics_token: str = ""
+    # the gateway's HTTP bounds (gateway/guard.py): request line + headers, the URL within them, the
+    # time a client has to send them, open connections per gateway process, idle keep-alive
+    max_header_bytes: int = 16 * 1024
+    max_url_bytes: int = 8 * 1024
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    keepalive_s: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -46,11 +56,22 @@ class Settings:
             routing=env.get("AGENTPOOL_ROUTING") or s.routing,
             metrics=_flag(env, "AGENTPOOL_METRICS", s.metrics),
             auth=(env.get("AGENTPOOL_AUTH") or s.auth).lower(),
+            metrics_token=env.get("AGENTPOOL_METRICS_TOKEN", s.metrics_token).strip(),
+            max_header_bytes=_number(env, "AGENTPOOL_MAX_HEADER_BYTES", s.max_header_bytes),
+            max_url_bytes=_number(env, "AGENTPOOL_MAX_URL_BYTES", s.max_url_bytes),
+            header_timeout_s=_number(env, "AGENTPOOL_HEADER_TIMEOUT_S", s.header_timeout_s),
+            max_connections=_number(env, "AGENTPOOL_MAX_CONNECTIONS", s.max_connections),
+            keepalive_s=_number(env, "AGENTPOOL_KEEPALIVE_S", s.keepalive_s),
         )
         s.validate()
         return s
 
     def validate(self) -> None:
+        _within("AGENTPOOL_MAX_HEADER_BYTES", self.max_header_bytes, 1024, 1 << 20)
+        _within("AGENTPOOL_MAX_URL_BYTES", self.max_url_bytes, 256, self.max_header_bytes)
+        _within("AGENTPOOL_HEADER_TIMEOUT_S", self.header_timeout_s, 0.1, 300)
+        _within("AGENTPOOL_MAX_CONNECTIONS", self.max_connections, 1, 1_000_000)
+        _within("AGENTPOOL_KEEPALIVE_S", self.keepalive_s, 1, 3600)
         if urlsplit(self.amqp_url).scheme not in ("amqp", "amqps"):
             raise ConfigError(f"AGENTPOOL_AMQP_URL: expected amqp:// or amqps://, got {self.amqp_url!r}")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -82,6 +103,26 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         return raw in ("1", "true", "yes", "on")
     raise ConfigError(f"{name}: expected 1 or 0, got {raw!r}")
+
+
+_Num = TypeVar("_Num", int, float)
+
+
+def _number(env: Mapping[str, str], name: str, default: _Num) -> _Num:
+    """An int or float setting, of the default's type; text that is not one fails at start."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return type(default)(raw)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _within(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: expected {low}-{high}, got {value}")
 
 
 def redact_url(url: str) -> str:

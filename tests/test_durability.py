@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -38,3 +39,16 @@ async def test_the_check_reports_what_redis_runs_with(make_system) -> None:
     redis = system.client.redis
     aof = (await redis.config_get("appendonly"))["appendonly"]
     assert await check_persistence(redis, system.settings.redis_url, "test") == (aof in ("yes", b"yes"))
+
+
+async def test_metrics_can_be_closed_with_a_scrape_token(make_system) -> None:
+    system: System = await make_system(replicas=1, start=False)
+    closed = replace(system.settings, metrics_token="scrape-secret")
+    async with running_gateway(closed, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+        latin1 = "Bearer sc\u00e9".encode("latin-1")  # a header byte no str comparison takes
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": latin1}):
+            r = await http.get("/metrics", headers=headers)
+            assert r.status_code == 401 and r.json()["error_code"] == "INVALID_API_KEY", (headers, r.text)
+            assert "agentpool_" not in r.text
+        ok = await http.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert ok.status_code == 200 and "agentpool_redis_persistence" in ok.text

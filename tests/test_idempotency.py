@@ -132,6 +132,35 @@ async def test_a_request_that_was_not_published_releases_its_key(make_system) ->
         assert r.status_code == 503 and r.json()["error_code"] == "POOL_SATURATED"
         # refused before publishing: the key is free again, and a retry goes through
         assert not await system.client.redis.exists(system.client.names.idem("default", "retry-me"))
+        # and it leaves no owner record behind: only the 10 accepted requests have one
+        owners = [k async for k in system.client.redis.scan_iter(match=system.client.names.owner("*"))]
+        assert len(owners) == 10, owners
         await asyncio.gather(*busy)
         r2 = await http.post("/v1/ask/pa", json={"content": "later"}, headers=idem("retry-me"))
         assert r2.status_code == 200
+
+
+async def test_the_promise_outlives_the_gateway_that_accepted_the_request(make_system) -> None:
+    """The worker keeps an idempotent result 24 h itself: the accepting gateway may be gone before the
+    end, and a repeat after the usual hour still gets the first answer."""
+    extra = '[webhooks]\nallow_hosts = ["127.0.0.1"]\n'
+    cfg = tenant_config(pools={"pa": "default"}, tokens_per_s=40, extra=extra)
+    system: System = await make_system(config=cfg)
+    redis, names = system.client.redis, system.client.names
+    async with receiver() as rec:
+        body = {"content": "once", "webhook_url": rec.url}
+        # Given a webhook request accepted by a gateway that stops before the run ends
+        gateway = running_gateway(system.settings, system.config)
+        async with gateway as url, httpx.AsyncClient(base_url=url) as http:
+            accepted = await http.post("/v1/ask/pa", json=body, headers=idem("k-1"))
+            assert accepted.status_code == 202, accepted.text
+            rid = accepted.json()["request_id"]
+        await wait_until(lambda: redis.exists(names.done(rid)), 20, "the run to end with no gateway up")
+        # Then its reply is kept as long as the key, not the usual hour
+        assert await redis.ttl(names.reply(rid)) > 3600
+        # and a repeat on another gateway gets the same request
+        gateway = running_gateway(system.settings, system.config)
+        async with gateway as url, httpx.AsyncClient(base_url=url) as http:
+            again = await http.post("/v1/ask/pa", json=body, headers=idem("k-1"))
+    assert again.status_code == 202 and again.json()["request_id"] == rid, again.text
+    assert again.headers["idempotent-replayed"] == "true"

@@ -12,11 +12,18 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import msgspec
 
-from agentpool.broker.streams import BEGIN_CANCELLED, BEGIN_DONE, BEGIN_EXHAUSTED, BEGIN_WAITING, Paused
+from agentpool.broker.streams import (
+    BEGIN_CANCELLED,
+    BEGIN_DONE,
+    BEGIN_EXHAUSTED,
+    BEGIN_WAITING,
+    Paused,
+    ReplyStore,
+)
 from agentpool.shared.errors import ProviderError
 from agentpool.shared.messages import (
     MESSAGE_DECODER,
@@ -114,11 +121,17 @@ class Run:
     paused: PausedRun | None = None  # the state a resume continues from
 
 
+async def _finish(store: ReplyStore, req: Request, event: End | Error | Interrupt, **kw: Any) -> bool:
+    """The final write, keeping the result as long as the request asks (an Idempotency-Key's 24 h),
+    whichever gateway accepted it and whether or not that one is still up."""
+    return await store.finish(event, keep_s=req.keep_s, **kw)
+
+
 async def run_job(worker: Worker, req: Request, received_at: float, redelivered: bool = False) -> Outcome:
     """Everything between decoding a request and acking it."""
     store, names = worker.store, worker.names
     if req.start_by is not None and received_at > req.start_by:
-        await store.finish(_error(req, "QUEUE_TIMEOUT", "no agent started the request in time"))
+        await _finish(store, req, _error(req, "QUEUE_TIMEOUT", "no agent started the request in time"))
         return Outcome("skipped", "QUEUE_TIMEOUT")
     queue_wait_ms = max(0.0, (received_at - req.created_at) * 1000)
     thread_key = names.thread(req.tenant, req.thread_id)
@@ -137,14 +150,14 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
     if status == BEGIN_DONE:
         return Outcome("duplicate")
     if status == BEGIN_CANCELLED:
-        await store.finish(_error(req, "CANCELLED", "the client cancelled the request"))
+        await _finish(store, req, _error(req, "CANCELLED", "the client cancelled the request"))
         return Outcome("skipped", "CANCELLED")
     if status == BEGIN_WAITING:
         waiting_on = raw_history[0].decode() if raw_history else "?"
         why = (
             f"thread {req.thread_id!r} waits for approval of request {waiting_on}; resume or deny that first"
         )
-        await store.finish(_error(req, "THREAD_WAITING", why))
+        await _finish(store, req, _error(req, "THREAD_WAITING", why))
         return Outcome("error", "THREAD_WAITING")
     if status == BEGIN_EXHAUSTED:
         # The runtime parks the message first and then writes this error, so a client that sees
@@ -159,13 +172,13 @@ async def run_job(worker: Worker, req: Request, received_at: float, redelivered:
         paused = await _load_paused(worker, req)
         if paused is None:
             why = f"request {req.resume.request_id} is not waiting for approval (finished, or expired)"
-            await store.finish(_error(req, "NOT_WAITING", why, attempt))
+            await _finish(store, req, _error(req, "NOT_WAITING", why, attempt))
             return Outcome("error", "NOT_WAITING")
     stored = [MESSAGE_DECODER.decode(m) for m in raw_history]
     try:
         run = _prepare(worker, req, attempt, stored, queue_wait_ms, paused)
     except AgentFailed as e:  # the request's own tools clash with the agent type's
-        await store.finish(_error(req, e.error_code, e.message, attempt))
+        await _finish(store, req, _error(req, e.error_code, e.message, attempt))
         return Outcome("error", e.error_code)
     return await _execute(worker, run)
 
@@ -293,9 +306,8 @@ async def _execute(worker: Worker, run: Run) -> Outcome:
     except asyncio.CancelledError:
         writer.abort()
         if task.cancelled() and not _current_task_cancelling():
-            await worker.store.finish(
-                _error(req, "CANCELLED", "the client cancelled the request", run.attempt)
-            )
+            cancelled = _error(req, "CANCELLED", "the client cancelled the request", run.attempt)
+            await _finish(worker.store, req, cancelled)
             return Outcome("error", "CANCELLED")
         raise
     except NeedsApproval as e:
@@ -314,7 +326,8 @@ async def _execute(worker: Worker, run: Run) -> Outcome:
     except Exception as e:  # a bug must not leave a client hanging
         log.exception("request %s failed", req.request_id, extra=log_fields(worker, req))
         writer.abort()
-        await worker.store.finish(_error(req, "INTERNAL", f"agent failed: {type(e).__name__}", run.attempt))
+        failed = _error(req, "INTERNAL", f"agent failed: {type(e).__name__}", run.attempt)
+        await _finish(worker.store, req, failed)
         return Outcome("error", "INTERNAL")
     finally:
         worker.unwatch_cancel(req.request_id)
@@ -337,7 +350,8 @@ async def _fail(worker: Worker, run: Run, code: str, why: str, retryable: bool =
     """Steps and text sent so far stay on the stream; the error event ends it."""
     await run.writer.close()
     req = run.req
-    await worker.store.finish(_error(req, code, why, run.attempt, retryable), **_resume_ends(worker, req))
+    failed = _error(req, code, why, run.attempt, retryable)
+    await _finish(worker.store, req, failed, **_resume_ends(worker, req))
     return Outcome("error", code)
 
 
@@ -378,7 +392,9 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
         attempt=run.attempt,
         resumed_from=_resumed_from(req) or None,
     )
-    won = await worker.store.finish(
+    won = await _finish(
+        worker.store,
+        req,
         event,
         last_chunk=Chunk(text=tail, attempt=run.attempt) if tail else None,
         chunks=run.writer.chunks,
@@ -420,7 +436,9 @@ async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcom
     run.sink.flush_text()
     closed = run.sink.transcript.close(marked, awaiting_calls=bool(client_calls))
     stateless = _stateless(run.paused.request if run.paused else req)  # a stateless call stores nothing
-    won = await worker.store.finish(
+    won = await _finish(
+        worker.store,
+        req,
         end,
         thread_key="" if stateless else worker.names.thread(req.tenant, req.thread_id),
         turns=[] if stateless else [MESSAGE_ENCODER.encode(m) for m in closed],
