@@ -8,6 +8,7 @@ claims the ``Idempotency-Key``, records the request's tenant (``owner:{id}``, ch
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -15,12 +16,12 @@ from dataclasses import dataclass, field, replace
 from starlette.requests import Request
 
 from agentpool.broker.client import AgentPoolClient, Ticket, new_id
-from agentpool.broker.redis_conn import translated
+from agentpool.broker.redis_conn import REDIS_ERRORS, translated
 from agentpool.broker.streams import REPLY_TTL_S, Subscription
 from agentpool.gateway.auth import Principal, pool_for, require
 from agentpool.gateway.background import Background
-from agentpool.gateway.http import decode, read_body
-from agentpool.gateway.idempotency import Claim, Idempotency, fingerprint, idempotency_key
+from agentpool.gateway.http import decode, read_body, traceparent
+from agentpool.gateway.idempotency import IDEM_TTL_S, Claim, Idempotency, fingerprint, idempotency_key
 from agentpool.gateway.ratelimit import RateLimiter, limits_for
 from agentpool.gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
 from agentpool.gateway.urlcheck import check_webhook_url
@@ -65,7 +66,7 @@ async def admit(request: Request) -> Admitted:
     key = idempotency_key(request)
     check_body(body)
     if body.webhook_url is not None:
-        await check_webhook_url(body.webhook_url, request.app.state.config.webhooks.allow_hosts)
+        await check_webhook_url(body.webhook_url, request.app.state.config.webhooks)
     return Admitted(principal, name, pool, body, key, rate_headers)
 
 
@@ -137,8 +138,9 @@ async def start(request: Request, a: Admitted) -> Started:
             tenant=a.principal.tenant,
             max_wait_s=a.body.max_wait_s,
             context_variables=a.body.context_variables,
-            traceparent=request.headers.get("traceparent"),
+            traceparent=traceparent(request),  # valid or None: never stored long
             chat=a.chat,
+            keep_s=IDEM_TTL_S if a.idem_key is not None else 0,  # kept by the worker, whoever accepted
         )
     except BaseException:
         await _undo(request, a, rid)
@@ -149,7 +151,10 @@ async def start(request: Request, a: Admitted) -> Started:
 
 
 async def _undo(request: Request, a: Admitted, rid: str) -> None:
-    """Never published: a retry with the same Idempotency-Key must go through; no webhook follows."""
+    """Never published: a retry with the same Idempotency-Key must go through; no webhook follows;
+    no owner record is left for a request id nobody will ever read."""
+    with contextlib.suppress(*REDIS_ERRORS):
+        await _client(request).redis.delete(_client(request).names.owner(rid))
     if a.idem_key is not None:
         await request.app.state.idempotency.release(a.principal.tenant, a.idem_key, rid)
     if a.body.webhook_url is not None:

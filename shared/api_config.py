@@ -45,11 +45,18 @@ class ApiKeyEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Webhooks(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Webhook delivery. ``allow_hosts`` may name loopback/private hosts, which are refused otherwise."""
+    """Webhook delivery. ``allow_hosts`` may name loopback/private hosts, which are refused otherwise
+    (a host listed there may be reached on any port; every other host only on ``allowed_ports``)."""
 
     allow_hosts: list[str] = []
-    secret_env: str | None = None  # one configured signing secret; else a random one per tenant
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0
+    allowed_ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] = msgspec.field(
+        default_factory=lambda: [80, 443]
+    )
+    # the env var holding the master secret each tenant's signing secret is derived from (HMAC of
+    # the tenant); unset: AGENTPOOL_WEBHOOK_SECRET if set, else a random secret per tenant in Redis
+    secret_env: str | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 10.0  # one whole attempt: DNS to last byte
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32  # attempts running at once, per gateway
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=30)] = 8
     retry_base_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0  # backoff: base * 2^(attempt-1), capped
     retry_max_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0

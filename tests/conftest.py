@@ -10,25 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aio_pika
 import httpx
 import pytest
 import pytest_asyncio
+import redis
 import redis.asyncio as aredis
 
 from agentpool.broker.client import AgentPoolClient
 from agentpool.shared.config import Config, parse_config
 from agentpool.shared.names import Names, replica_id
 from agentpool.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.servers import RabbitNode, RedisServer
 
 RUN = secrets.token_hex(3)
 _counter = iter(range(1, 10_000))
@@ -52,8 +58,8 @@ def _docker_answers() -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def service_urls() -> Iterator[tuple[str, str]]:
+def shared_service_urls() -> tuple[str, str] | None:
+    """The RabbitMQ and Redis this machine (or CI) shares with the suite, if they answer."""
     amqp = (
         os.environ.get("AGENTPOOL_AMQP_URL")
         or os.environ.get("AMQP_URL")
@@ -61,7 +67,15 @@ def service_urls() -> Iterator[tuple[str, str]]:
     )
     red = os.environ.get("AGENTPOOL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
     if (_reachable("127.0.0.1", 5672) and _reachable("127.0.0.1", 6379)) or "AMQP_URL" in os.environ:
-        yield amqp, red
+        return amqp, red
+    return None
+
+
+@pytest.fixture(scope="session")
+def service_urls() -> Iterator[tuple[str, str]]:
+    shared = shared_service_urls()
+    if shared is not None:
+        yield shared
         return
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer
@@ -77,6 +91,158 @@ def service_urls() -> Iterator[tuple[str, str]]:
     if os.environ.get("CI"):
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+# --- The suite leaves what it does not own as it found it: the shared Redis and RabbitMQ.
+
+SENTINEL = f"agentpool-suite-sentinel:{RUN}"  # outside every test namespace (t{RUN}-N)
+SENTINEL_QUEUES = {  # name: durable
+    f"agentpool-suite-sentinel-{RUN}": True,
+    f"agentpool-suite-sentinel-{RUN}-transient": False,
+}
+SENTINEL_TTL_S = 2 * 3600  # outlives a whole run; one cut short leaves nothing behind for long
+# Keys the suite and the benchmarks make (and delete) themselves, this run's or a concurrent one's.
+_THROWAWAY_KEY = re.compile(rb"^(t[0-9a-f]{6}-[0-9]+|bench[0-9a-f]{6}|bcompat[0-9a-f]{6}|agentpool-suite-)")
+# Zsets and streams hold a live system's heartbeats and replies; a sample compares the other kinds.
+_SAMPLED_TYPES = {b"string", b"hash", b"list", b"set"}
+_T = TypeVar("_T")
+
+
+def _off_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` on a loop of its own in a thread, leaving the session's loop to the tests."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(60)
+
+
+async def _plant_queues(url: str) -> None:
+    """A durable queue holding one persistent message, and a transient one (which a restart of
+    the broker drops: ``stop_app`` deletes transient queues)."""
+    async with await aio_pika.connect(url) as conn:
+        ch = await conn.channel()
+        for name, durable in SENTINEL_QUEUES.items():
+            await ch.declare_queue(name, durable=durable, arguments={"x-expires": SENTINEL_TTL_S * 1000})
+        message = aio_pika.Message(RUN.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await ch.default_exchange.publish(message, routing_key=next(iter(SENTINEL_QUEUES)))
+
+
+async def _check_queues(url: str) -> list[str]:
+    """What changed about the sentinel queues (then deletes them)."""
+    problems = []
+    try:
+        conn = await aio_pika.connect(url)
+    except (aio_pika.exceptions.AMQPError, OSError) as e:
+        return [f"the shared RabbitMQ does not answer after the run: {e!r}"]
+    async with conn:
+        for name, durable in SENTINEL_QUEUES.items():
+            ch = await conn.channel()
+            try:
+                q = await ch.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                why = "" if durable else " (the broker application restarted: it drops transient queues)"
+                problems.append(f"RabbitMQ queue {name} is gone{why}")
+                continue
+            count = q.declaration_result.message_count
+            if count != int(durable):
+                problems.append(f"RabbitMQ queue {name} holds {count} messages, not {int(durable)}")
+        ch = await conn.channel()
+        for name in SENTINEL_QUEUES:
+            await ch.queue_delete(name)
+    return problems
+
+
+def _redis_sample(r: redis.Redis, max_keys: int = 20, max_scanned: int = 2000) -> dict[bytes, bytes]:
+    """DUMPs of a few keys without a TTL that no test namespace owns (there may be none)."""
+    sample: dict[bytes, bytes] = {}
+    for n, key in enumerate(r.scan_iter(count=500)):
+        if len(sample) >= max_keys or n >= max_scanned:
+            break
+        if _THROWAWAY_KEY.match(key) or r.type(key) not in _SAMPLED_TYPES or r.ttl(key) != -1:
+            continue
+        value = r.dump(key)
+        if value is not None:
+            sample[key] = value
+    return sample
+
+
+def _redis_problems(r: redis.Redis, run_id: str, sample: dict[bytes, bytes]) -> list[str]:
+    try:
+        problems = []
+        if (now := r.info("server")["run_id"]) != run_id:
+            problems.append(f"Redis restarted during the run (run_id {run_id} -> {now})")
+        if r.get(SENTINEL) != RUN.encode() or r.ttl(SENTINEL) <= 0:
+            problems.append(f"Redis key {SENTINEL} lost its value {RUN!r} or its TTL")
+        changed = [k for k, v in sample.items() if r.dump(k) != v]
+        if changed:
+            problems.append(f"Redis keys outside the suite's namespaces changed or vanished: {changed}")
+        return problems
+    except redis.RedisError as e:
+        return [f"the shared Redis does not answer after the run: {e}"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_services_untouched() -> Iterator[None]:
+    """Running the suite leaves the machine's Redis keys and RabbitMQ state outside its
+    namespaces as it found them: planted before the first test, checked after the last.
+
+    Redis: a key with a value and a TTL, the server's run_id (a restart changes it) and a sample
+    of other keys. RabbitMQ: a durable queue with one message, and a transient queue that a
+    restart of the broker would have dropped. A difference fails the run (an error in session
+    teardown); the sentinels are deleted either way.
+    """
+    shared = shared_service_urls()
+    if shared is None:  # testcontainers or nothing: no shared service to protect
+        yield
+        return
+    amqp_url, redis_url = shared
+    with redis.Redis.from_url(redis_url, socket_timeout=10) as r:
+        r.set(SENTINEL, RUN, ex=SENTINEL_TTL_S)
+        run_id, sample = r.info("server")["run_id"], _redis_sample(r)
+        _off_loop(_plant_queues(amqp_url))
+        try:
+            yield
+        finally:
+            problems = _redis_problems(r, run_id, sample) + _off_loop(_check_queues(amqp_url))
+            with contextlib.suppress(redis.RedisError):
+                r.delete(SENTINEL)
+    if problems:
+        pytest.fail("the suite touched services it does not own:\n- " + "\n- ".join(problems))
+
+
+# --- Servers of the suite's own for the tests that stop, restart or kill them (tests/servers.py)
+
+
+@pytest.fixture(scope="session")
+def own_rabbit_node() -> Iterator[RabbitNode]:
+    """One throwaway RabbitMQ node for the session: a node takes seconds to start (~7 s here)."""
+    from tests.servers import rabbit_node
+
+    with rabbit_node() as node:
+        yield node
+
+
+@pytest.fixture
+def own_rabbit(own_rabbit_node: RabbitNode) -> RabbitNode:
+    """The session's throwaway node with its broker app running (a failed test may have stopped it)."""
+    own_rabbit_node.ensure_app()
+    return own_rabbit_node
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A throwaway redis-server with the shipped deploy/redis/redis.conf, for one test."""
+    from tests.servers import redis_server
+
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_settings(own_rabbit: RabbitNode, own_redis: RedisServer) -> Settings:
+    """``settings`` on the throwaway servers; a test module that restarts them overrides
+    ``settings`` with this, so ``make_system`` runs there."""
+    return Settings(
+        amqp_url=own_rabbit.url, redis_url=own_redis.url, namespace=f"t{RUN}-{next(_counter)}", auth="open"
+    )
 
 
 EXAMPLE = """

@@ -1,72 +1,86 @@
 """Broker and Redis restarts under light load: no agentpool process is restarted.
 
-These tests stop and start the real local servers, so they run only where the server binaries
-are on this machine (as in CI) and never against a remote or containerised service.
+The servers restarted here are the suite's own (tests/servers.py: a throwaway redis-server with
+the shipped deploy/redis/redis.conf, a throwaway RabbitMQ node), never the machine's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
+import collections
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 
 from agentpool.shared.errors import AgentPoolError
+from agentpool.shared.messages import MESSAGE_DECODER
+from agentpool.shared.settings import Settings
 from tests.conftest import System, running_gateway, wait_until
+from tests.servers import RabbitNode, RedisServer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-]
+THREADS = 7
 
 
-def _local(settings_url: str, binary: str) -> None:
-    if ("127.0.0.1" not in settings_url and "localhost" not in settings_url) or not shutil.which(binary):
-        if os.environ.get("CI"):
-            pytest.fail(f"{binary} not available to restart")
-        pytest.skip(f"needs a local {binary} to restart")
+@pytest.fixture
+def settings(own_settings: Settings) -> Settings:
+    return own_settings
 
 
-async def light_load(system: System, stop: asyncio.Event, outcomes: Counter[str]) -> None:
-    """One request at a time, recording how each ended; errors must be clear, never hangs."""
-    i = 0
-    while not stop.is_set():
-        i += 1
-        try:
-            reply = await asyncio.wait_for(system.client.ask("p", f"load {i}", thread_id=f"load-{i % 7}"), 30)
-            outcomes["ok" if reply.content else "empty"] += 1
-        except AgentPoolError as e:
-            outcomes[e.error_code] += 1
-            await asyncio.sleep(0.2)
+class Load:
+    """One request at a time on a few threads, recording how each ended."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.outcomes: Counter[str] = Counter()
+        self.answered: dict[str, list[str]] = collections.defaultdict(list)  # thread -> request ids
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Errors must be clear ones, never hangs."""
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            thread = _thread(i)
+            try:
+                reply = await asyncio.wait_for(self.system.client.ask("p", f"load {i}", thread_id=thread), 30)
+                self.outcomes["ok" if reply.content else "empty"] += 1
+                self.answered[thread].append(reply.request_id)
+            except AgentPoolError as e:
+                self.outcomes[e.error_code] += 1
+                await asyncio.sleep(0.2)
+
+    async def threads(self) -> dict[str, list[bytes]]:
+        """Every load thread's stored turns."""
+        r, names = self.system.client.redis, self.system.client.names
+        return {t: await r.lrange(names.thread("default", t), 0, -1) for t in map(_thread, range(THREADS))}
 
 
-async def _restart_under_load(system: System, restart: list[list[str]], ready_key: str) -> Counter[str]:
-    outcomes: Counter[str] = Counter()
-    stop = asyncio.Event()
-    load = asyncio.create_task(light_load(system, stop, outcomes))
+def _thread(i: int) -> str:
+    return f"load-{i % THREADS}"
+
+
+async def _restart_under_load(
+    load: Load,
+    stop: Callable[[], object],
+    start: Callable[[], object],
+    ready_key: str,
+    before_stop: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    system = load.system
+    task = asyncio.create_task(load.run())
     async with (
         running_gateway(system.settings, system.config) as url,
         httpx.AsyncClient(base_url=url) as http,
     ):
-        await wait_until(lambda: outcomes["ok"] >= 10, 30, "load running")
-        stop_cmd, start_cmd = restart
-        await asyncio.to_thread(subprocess.run, stop_cmd, capture_output=True, timeout=120)
+        await wait_until(lambda: load.outcomes["ok"] >= 10, 30, "load running")
+        if before_stop is not None:
+            await before_stop()
+        await asyncio.to_thread(stop)
         try:
 
             async def not_ready() -> bool:
@@ -76,25 +90,26 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
             # /readyz says not-ready while the dependency is down
             await wait_until(not_ready, 15, f"/readyz to report {ready_key} down")
         finally:
-            await asyncio.to_thread(subprocess.run, start_cmd, check=True, capture_output=True, timeout=120)
+            await asyncio.to_thread(start)
         t_back = time.monotonic()
 
         async def ready() -> bool:
             return (await http.get("/readyz")).status_code == 200
 
         await wait_until(ready, 60, "readyz after the restart")
-        before = outcomes["ok"]
-        await wait_until(lambda: outcomes["ok"] >= before + 10, 60, "requests succeeding after the restart")
+        before = load.outcomes["ok"]
+        await wait_until(lambda: load.outcomes["ok"] >= before + 10, 60, "requests served after the restart")
         print(
-            f"\nback to serving {time.monotonic() - t_back:.1f}s after the restart; outcomes {dict(outcomes)}"
+            f"\nback to serving {time.monotonic() - t_back:.1f}s after the restart; "
+            f"outcomes {dict(load.outcomes)}"
         )
         # New requests succeed through the gateway too, with no process restarted
         r = await http.post("/v1/ask/p", json={"content": "after restart"})
         assert r.status_code == 200, r.text
-    stop.set()
-    await asyncio.wait_for(load, 40)
+    load.stop.set()
+    await asyncio.wait_for(task, 40)
     # Every request ended: answered, or a clear error code (never a hang or a bare exception)
-    assert set(outcomes) <= {
+    assert set(load.outcomes) <= {
         "ok",
         "BROKER_UNAVAILABLE",
         "REDIS_UNAVAILABLE",
@@ -103,23 +118,38 @@ async def _restart_under_load(system: System, restart: list[list[str]], ready_ke
         "INTERNAL",
         "REPLY_TIMEOUT",
         "QUEUE_TIMEOUT",
-    }, outcomes
-    return outcomes
+    }, load.outcomes
 
 
-async def test_rabbitmq_restart(make_system) -> None:
+async def test_rabbitmq_restart(make_system, own_rabbit: RabbitNode) -> None:
     system: System = await make_system(replicas=2, ttft_ms=5, tokens_per_s=500, reply_tokens=10)
-    _local(system.settings.amqp_url, "rabbitmqctl")
-    outcomes = await _restart_under_load(
-        system, [["rabbitmqctl", "stop_app"], ["rabbitmqctl", "start_app"]], "rabbitmq"
-    )
-    assert outcomes["ok"] >= 20
+    load = Load(system)
+    await _restart_under_load(load, own_rabbit.stop_app, own_rabbit.start_app, "rabbitmq")
+    assert load.outcomes["ok"] >= 20
 
 
-async def test_redis_restart(make_system) -> None:
+@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+async def test_redis_restart_keeps_every_turn(make_system, own_redis: RedisServer, how: str) -> None:
     system: System = await make_system(replicas=2, ttft_ms=5, tokens_per_s=500, reply_tokens=10)
-    _local(system.settings.redis_url, "redis-server")
-    outcomes = await _restart_under_load(
-        system, [["redis-cli", "-p", "6379", "shutdown", "nosave"], REDIS_START], "redis"
-    )
-    assert outcomes["ok"] >= 20
+    load = Load(system)
+    before: dict[str, list[bytes]] = {}
+
+    async def snapshot() -> None:
+        before.update(await load.threads())
+
+    # Given threads written to under light load, when Redis stops (SHUTDOWN, or SIGKILL) and
+    # starts again on its data directory (the shipped config: AOF, appendfsync everysec)
+    stop = own_redis.stop if how == "shutdown" else own_redis.kill
+    await _restart_under_load(load, stop, own_redis.start, "redis", before_stop=snapshot)
+    assert load.outcomes["ok"] >= 20
+    after = await load.threads()
+    # Then every turn written before the restart is still there, in order
+    assert sum(map(len, before.values())) >= 20
+    for thread, turns in before.items():
+        assert after[thread][: len(turns)] == turns, f"thread {thread}: turns lost in the restart"
+    # and each answered request's two turns are in its thread once, in the order of the answers
+    for thread, rids in load.answered.items():
+        mine = set(rids)
+        stored = [t.request_id for t in map(MESSAGE_DECODER.decode, after[thread]) if t.request_id in mine]
+        assert stored == [rid for rid in rids for _ in (0, 1)], f"thread {thread}"
+    print(f"{how}: {sum(map(len, before.values()))} thread entries before the restart, all kept")
