@@ -40,24 +40,12 @@ from agentpool.shared.messages import MESSAGE_DECODER
 from agentpool.shared.settings import Settings
 from agentpool.workers.supervisor import Supervisor
 from tests.api_helpers import Receiver, h, make_key, receiver
-from tests.conftest import EXAMPLE, System, free_port, subprocess_env, wait_until
+from tests.conftest import System, free_port, subprocess_env, wait_until
 from tests.servers import RabbitNode, RedisServer
-from tests.test_chaos import supervised
+from tests.test_chaos import pool_file, supervised
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
-POOL = dict(
-    pool="p",
-    replicas=3,
-    concurrency=4,
-    sticky_depth=3,
-    max_depth=16,
-    ttft_ms=20,
-    tokens_per_s=60,  # 12 tokens: ~0.2 s a reply, so kills and restarts land mid-stream
-    reply_tokens=12,
-    rescue_after_s=2,
-    max_attempts=8,
-)
 EXTRA = """
 [rate_limit]
 requests_per_minute = 0
@@ -259,17 +247,22 @@ class Clients:
                 eid, kind, data = "", "", []
         return False
 
-    async def json(self, call: Call, lane: int) -> None:
-        gw = lane
+    async def _post(self, call: Call, gw: int) -> tuple[httpx.Response, int]:
+        """POST the call's ask, moving to the other gateway when a connection breaks -> (answer, gw)."""
         while True:
             try:
                 call.sent_at = time.monotonic()
                 r = await self.cluster.http.post(
                     f"{self.cluster.url(gw)}/v1/ask/p", json=call.body, headers=call.headers
                 )
+                return r, gw
             except httpx.TransportError as e:
                 gw = await self._broke(call, e, gw)
-                continue
+
+    async def json(self, call: Call, lane: int) -> None:
+        gw = lane
+        while True:
+            r, gw = await self._post(call, gw)
             if r.status_code == 200:
                 call.answer = r.json()
                 call.request_id = call.answer["request_id"]
@@ -283,14 +276,7 @@ class Clients:
     async def webhook(self, call: Call, lane: int) -> None:
         gw = lane
         while call.request_id is None:
-            try:
-                call.sent_at = time.monotonic()
-                r = await self.cluster.http.post(
-                    f"{self.cluster.url(gw)}/v1/ask/p", json=call.body, headers=call.headers
-                )
-            except httpx.TransportError as e:
-                gw = await self._broke(call, e, gw)
-                continue
+            r, gw = await self._post(call, gw)
             if r.status_code == 202:
                 call.request_id = r.json()["request_id"]
                 call.replayed = r.headers.get("idempotent-replayed") == "true"
@@ -433,8 +419,9 @@ async def test_chaos_under_load_loses_nothing(
 ) -> None:
     started = time.monotonic()
     monkeypatch.setenv("AGENTPOOL_LOG_LEVEL", "ERROR")  # the workers' (the gateways log to tmp_path)
-    path = tmp_path / "pools.toml"
-    path.write_text(EXAMPLE.format(**POOL) + EXTRA)
+    # 12 tokens at 60/s: ~0.2 s a reply, so kills and restarts land mid-stream
+    path, text = pool_file(tmp_path, tokens_per_s=60, max_attempts=8)
+    path.write_text(text + EXTRA)
     system: System = await make_system(parse_config(path.read_text(), str(path)), start=False)
     keys = [(await make_key(system, "default", "ask"))[1] for _ in range(4)]
     async with (
