@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import redis.asyncio as aredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from agentpool.shared.errors import Unavailable
 from agentpool.shared.settings import redact_url
@@ -29,12 +31,17 @@ def connect(
     through one gateway do that), a command waits for a connection instead of failing at once
     with ``MaxConnectionsError``, which redis-py's default pool raises.
     """
-    # health_check_interval: a pooled connection idle that long is PINGed before use, so the
-    # connections a Redis restart left dead are replaced on first use instead of failing a command
+    # A Redis restart leaves every pooled connection dead. health_check_interval: one idle for 5 s
+    # is PINGed before use; retry: a command that meets a dead connection (one used within those
+    # 5 s) runs once more, at once, on a new one, instead of failing with 503. Only connection
+    # errors are retried (a timeout is not: it would double the wait). A write whose reply was lost
+    # can then apply twice; the one that matters, a duplicated reply chunk, breaks the chunk count
+    # and the reader sends the whole text instead (see streams.Subscription.offer).
     options: dict[str, object] = {
         "socket_timeout": 10,
         "socket_connect_timeout": 5,
         "health_check_interval": 5,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         **kwargs,
     }
     if single_connection_client:

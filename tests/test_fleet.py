@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agentpool.broker.client import AgentPoolClient
 from agentpool.broker.leases import RETIRING, Leases
 from agentpool.shared.errors import Unavailable
 from agentpool.shared.messages import End
@@ -464,7 +465,7 @@ async def test_a_redis_that_lost_everything_scales_no_pool_down(make_system, tmp
     async with supervisors(system.settings, path, config) as (sup,):
         # Given a pool scaled to 3 at run time, in use
         await client.fleet.set_desired("p", "main", 3)
-        await wait_until(lambda: _ready_is(client, 3), 30, "3 ready replicas")
+        await wait_until(lambda: _replicas_ready(client, 3), 30, "3 ready replicas")
         pids = {key: r.proc.pid for key, r in sup.replicas.items() if r.proc is not None}
         assert len(pids) == 3
         # When Redis loses every key of the namespace
@@ -473,19 +474,20 @@ async def test_a_redis_that_lost_everything_scales_no_pool_down(make_system, tmp
 
         # Then the supervisor writes back the desired count and marks the pool used
         async def restored() -> bool:
-            desired, active = await redis.get(client.names.desired("p", "main")), await redis.zscore(
-                client.fleet.keys.activity, "p"
+            desired, active = (
+                await redis.get(client.names.desired("p", "main")),
+                await redis.zscore(client.fleet.keys.activity, "p"),
             )
             return desired == b"3" and active is not None
 
         await wait_until(restored, 10, "the desired count and the activity written back")
         status = await client.fleet.status("p")
         assert status.deployments[0].desired == 3 and not status.asleep
-        await wait_until(lambda: _ready_is(client, 3), 10, "3 replicas heard from again")
+        await wait_until(lambda: _replicas_ready(client, 3), 10, "3 replicas heard from again")
         # and none of the 3 replicas was stopped or replaced
         assert {key: r.proc.pid for key, r in sup.replicas.items() if r.proc is not None} == pids
         assert all(r.proc.returncode is None for r in sup.replicas.values() if r.proc is not None)
 
 
-async def _ready_is(client: object, n: int) -> bool:
-    return len(await ready(client)) == n  # type: ignore[arg-type]
+async def _replicas_ready(client: AgentPoolClient, n: int) -> bool:
+    return len(await ready(client)) == n

@@ -153,3 +153,20 @@ async def test_redis_restart_keeps_every_turn(make_system, own_redis: RedisServe
         stored = [t.request_id for t in map(MESSAGE_DECODER.decode, after[thread]) if t.request_id in mine]
         assert stored == [rid for rid in rids for _ in (0, 1)], f"thread {thread}"
     print(f"{how}: {sum(map(len, before.values()))} thread entries before the restart, all kept")
+
+
+async def test_first_command_after_a_redis_restart_succeeds(own_redis: RedisServer) -> None:
+    from agentpool.broker.redis_conn import connect
+
+    # Given a pool whose connections were all used just now (so none is due a health-check PING)
+    r = connect(own_redis.url, max_connections=4)
+    try:
+        await asyncio.gather(*(r.set(f"k{i}", i) for i in range(8)))
+        # When Redis restarts, and the next commands come well within the 5 s health-check interval
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.to_thread(own_redis.start)
+        # Then each runs on a new connection instead of failing on its dead one
+        got = await asyncio.gather(*(r.get(f"k{i}") for i in range(8)))
+        assert got == [str(i).encode() for i in range(8)]
+    finally:
+        await r.aclose()
