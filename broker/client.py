@@ -421,14 +421,20 @@ class AgentPoolClient:
         return 0 if fields[b"t"] in ATTEMPT_STARTS else None
 
     async def _timeout(self, ticket: Ticket, started: bool) -> None:
-        code, why = (
-            ("QUEUE_TIMEOUT", "no agent started the request before its max_wait_s")
-            if not started
-            else ("REPLY_TIMEOUT", f"no reply event for {REPLY_IDLE_TIMEOUT_S:.0f}s")
-        )
-        # Atomic with the worker's own final write: whichever comes first is the answer.
-        await self.store.finish(Error(request_id=ticket.request_id, error_code=code, error=why))
+        if not started:
+            await self.time_out(ticket.request_id)
+            return
+        why = f"no reply event for {REPLY_IDLE_TIMEOUT_S:.0f}s"
+        await self.store.finish(Error(request_id=ticket.request_id, error_code="REPLY_TIMEOUT", error=why))
         await self.store.cancel(ticket.request_id)
+
+    async def time_out(self, request_id: str) -> None:
+        """End a request that no agent started in time with ``QUEUE_TIMEOUT``, unless it has a final
+        event already (atomic with the worker's own final write: whichever comes first is the
+        answer), and mark it cancelled, so an agent that finds it later drops it."""
+        why = "no agent started the request before its max_wait_s"
+        await self.store.finish(Error(request_id=request_id, error_code="QUEUE_TIMEOUT", error=why))
+        await self.store.cancel(request_id)
 
     async def stream(self, pool: str, content: str, **kwargs: object) -> AsyncIterator[Event]:
         """Submit and yield decoded events (``start``, ``chunk``..., ``end`` or ``error``)."""

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from starlette.requests import Request
 
@@ -25,10 +26,10 @@ from agentpool.gateway.idempotency import IDEM_TTL_S, Claim, Idempotency, finger
 from agentpool.gateway.ratelimit import RateLimiter, limits_for
 from agentpool.gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
 from agentpool.gateway.urlcheck import check_webhook_url
-from agentpool.gateway.webhooks import Deliverer
+from agentpool.gateway.webhooks import START_GRACE_S, Deliverer
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import BadRequest, NotFound, RateLimited
-from agentpool.shared.messages import Chat
+from agentpool.shared.messages import EVENT_DECODER, Chat, Error
 
 
 @dataclass(slots=True)
@@ -116,9 +117,11 @@ async def start(request: Request, a: Admitted) -> Started:
                 start_by=start_by,
                 webhook=a.body.webhook_url is not None,
             )
-            first = await idem.claim(a.principal.tenant, a.idem_key, claim)
-            if first is not None:
-                return await _replay(client, a, first)
+            while (first := await idem.claim(a.principal.tenant, a.idem_key, claim)) is not None:
+                if not await _never_started(client, first):
+                    return await _replay(client, a, first)
+                if await idem.take_over(a.principal.tenant, a.idem_key, first, claim):
+                    break  # this request is the key's first now
         await client.redis.set(client.names.owner(rid), a.principal.tenant, ex=REPLY_TTL_S)
         if a.body.webhook_url is not None:
             await _deliverer(request).schedule(
@@ -188,6 +191,27 @@ async def _follow(
         pass  # stream_raw ends after the final event (writing QUEUE_TIMEOUT itself if due)
     for step in after:
         await step()
+
+
+async def _never_started(client: AgentPoolClient, first: Claim) -> bool:
+    """Did the key's first request end without an agent starting it? Its answer is QUEUE_TIMEOUT,
+    or it has no reply at all past its start_by (the gateway that claimed the key died before it
+    published): that one is timed out here first, atomic with a worker that would start it."""
+    reply = client.names.reply(first.request_id)
+
+    async def head() -> list[tuple[bytes, dict[bytes, bytes]]]:
+        return cast(list[tuple[bytes, dict[bytes, bytes]]], await client.redis.xrange(reply, count=1))
+
+    entries = await head()
+    if not entries:
+        if time.time() < first.start_by + START_GRACE_S:
+            return False  # it may still start: the repeat waits for it
+        await client.time_out(first.request_id)
+        entries = await head()
+        if not entries:
+            return False  # it ended long ago and its reply is gone (404 below)
+    event = EVENT_DECODER.decode(entries[0][1][b"d"])
+    return isinstance(event, Error) and event.error_code == "QUEUE_TIMEOUT"
 
 
 async def _replay(client: AgentPoolClient, a: Admitted, first: Claim) -> Started:

@@ -4,6 +4,10 @@ The first request claims ``idem:{tenant}:{key}`` with ``SET NX`` (its request id
 fingerprint of pool + body); a repeat with the same fingerprint reads the first request's reply
 stream ``reply:{id}``, and one with another body gets 422 ``IDEMPOTENCY_CONFLICT``. A first
 request that could not be published releases its claim so that a retry can go through.
+
+A first request that never started (its answer is ``QUEUE_TIMEOUT``, or nothing at all past its
+``start_by``: the gateway that claimed the key died before it published) leaves no result
+either: a repeat takes the claim over (:meth:`Idempotency.take_over`) and runs as the first.
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ IDEM_TTL_S = 24 * 3600
 MAX_KEY_CHARS = 256
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII: safe inside a Redis key and in logs
 _CANON = msgspec.json.Encoder(order="sorted")
+_CLAIM_OF = "string.find(v, ARGV[1], 1, true)"  # the claim's JSON holds "<request id>"
 
-_RELEASE = """
+_RELEASE = f"""
 local v = redis.call('GET', KEYS[1])
-if v and string.find(v, ARGV[1], 1, true) then return redis.call('DEL', KEYS[1]) end
+if v and {_CLAIM_OF} then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_TAKE_OVER = f"""
+local v = redis.call('GET', KEYS[1])
+if v and {_CLAIM_OF} then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end
 return 0
 """
 
@@ -69,6 +79,7 @@ class Idempotency:
         self.redis = redis
         self.names = names
         self._release = redis.register_script(_RELEASE)
+        self._take_over = redis.register_script(_TAKE_OVER)
 
     async def claim(self, tenant: str, key: str, claim: Claim) -> Claim | None:
         """None if this request is the first with ``key``; else the first one's claim (or 422)."""
@@ -89,6 +100,16 @@ class Idempotency:
     async def release(self, tenant: str, key: str, request_id: str) -> None:
         """Drop the claim of ``request_id`` (it was never published)."""
         await self._release(keys=[self.names.idem(tenant, key)], args=[f'"{request_id}"'])
+
+    async def take_over(self, tenant: str, key: str, stale: Claim, claim: Claim) -> bool:
+        """Replace the ``stale`` claim (its request never started) by ``claim``; False if another
+        repeat replaced it first."""
+        return bool(
+            await self._take_over(
+                keys=[self.names.idem(tenant, key)],
+                args=[f'"{stale.request_id}"', msgspec.json.encode(claim), IDEM_TTL_S],
+            )
+        )
 
     async def keep_result(self, request_id: str) -> None:
         """Keep the reply stream (and its owner) as long as the key, not the usual hour."""

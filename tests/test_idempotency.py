@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
+import msgspec
 import pytest
 
-from agentpool.gateway.idempotency import IDEM_TTL_S
+from agentpool.gateway.idempotency import IDEM_TTL_S, Claim, Idempotency, fingerprint
+from agentpool.gateway.schemas import AskBody
 from tests.api_helpers import h, make_key, receiver, tenant_config
 from tests.conftest import System, running_gateway, wait_until
 
@@ -164,3 +167,62 @@ async def test_the_promise_outlives_the_gateway_that_accepted_the_request(make_s
             again = await http.post("/v1/ask/pa", json=body, headers=idem("k-1"))
     assert again.status_code == 202 and again.json()["request_id"] == rid, again.text
     assert again.headers["idempotent-replayed"] == "true"
+
+
+async def _plant_stale_claim(system: System, key: str, body: dict[str, str], start_in_s: float) -> str:
+    """The claim a gateway leaves when it dies after claiming the key and before publishing: the
+    key's first request, never published. -> its request id."""
+    rid = f"never-published-{key}"
+    claim = Claim(
+        request_id=rid,
+        thread_id=body["thread_id"],
+        fingerprint=fingerprint("pa", msgspec.json.decode(msgspec.json.encode(body), type=AskBody)),
+        start_by=time.time() + start_in_s,
+    )
+    assert await Idempotency(system.client.redis, system.client.names).claim("default", key, claim) is None
+    return rid
+
+
+async def test_a_repeat_runs_a_first_request_that_was_never_published(make_system) -> None:
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
+    redis, names = system.client.redis, system.client.names
+    body = {"content": "charge once", "thread_id": "t-stale"}
+    # Given a key claimed by a gateway that died before publishing, whose start_by has passed
+    stale = await _plant_stale_claim(system, "order-7", body, start_in_s=-5)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        # When the client repeats the request with the same key
+        r = await http.post("/v1/ask/pa", json=body, headers=idem("order-7"))
+        # Then it runs, as the key's first request (no QUEUE_TIMEOUT, no 404 for 24 h)
+        assert r.status_code == 200, r.text
+        assert r.json()["request_id"] != stale and r.json()["content"]
+        assert "idempotent-replayed" not in r.headers
+        # and the next repeat gets that answer
+        again = await http.post("/v1/ask/pa", json=body, headers=idem("order-7"))
+        assert again.status_code == 200 and again.json() == r.json()
+        assert again.headers["idempotent-replayed"] == "true"
+    # the thread got one turn; the stale request is ended (QUEUE_TIMEOUT) and marked cancelled
+    assert await redis.llen(names.thread("default", "t-stale")) == 2
+    ((_id, fields),) = await redis.xrange(names.reply(stale))
+    assert b"QUEUE_TIMEOUT" in fields[b"d"] and await redis.exists(names.cancel(stale))
+
+
+async def test_a_repeat_after_a_queue_timeout_runs_again(make_system) -> None:
+    system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
+    body = {"content": "book a seat", "thread_id": "t-late"}
+    # Given a key whose first request was never published and may still start for 1 s
+    stale = await _plant_stale_claim(system, "seat-1", body, start_in_s=1.0)
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        # When a repeat comes while it may still start, it waits for it: its answer is the first's
+        r = await http.post("/v1/ask/pa", json=body, headers=idem("seat-1"))
+        assert r.status_code == 504 and r.json()["error_code"] == "QUEUE_TIMEOUT", r.text
+        assert r.json()["details"].get("request_id", stale) == stale
+        # Then the next repeat does not get that QUEUE_TIMEOUT again: nothing ran, so it runs
+        again = await http.post("/v1/ask/pa", json=body, headers=idem("seat-1"))
+        assert again.status_code == 200 and again.json()["content"], again.text
+        assert again.json()["request_id"] != stale and "idempotent-replayed" not in again.headers
