@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import socket
 import sys
@@ -96,15 +95,19 @@ def service_urls() -> Iterator[tuple[str, str]]:
 # --- The suite leaves what it does not own as it found it: the shared Redis and RabbitMQ.
 
 SENTINEL = f"agentpool-suite-sentinel:{RUN}"  # outside every test namespace (t{RUN}-N)
+# Keys of each kind a system keeps, in a namespace no test uses: a hash, a list, a set (each with
+# a TTL, so a run cut short leaves nothing behind for long). Keys of other, live systems on the
+# same Redis (an `agentpool dev` running beside the suite) change by themselves: not compared.
+SENTINEL_KEYS = {
+    f"{SENTINEL}:hash": ("hset", {"a": "1", "b": "2"}),
+    f"{SENTINEL}:list": ("rpush", ["x", "y", "z"]),
+    f"{SENTINEL}:set": ("sadd", ["p", "q"]),
+}
 SENTINEL_QUEUES = {  # name: durable
     f"agentpool-suite-sentinel-{RUN}": True,
     f"agentpool-suite-sentinel-{RUN}-transient": False,
 }
 SENTINEL_TTL_S = 2 * 3600  # outlives a whole run; one cut short leaves nothing behind for long
-# Keys the suite and the benchmarks make (and delete) themselves, this run's or a concurrent one's.
-_THROWAWAY_KEY = re.compile(rb"^(t[0-9a-f]{6}-[0-9]+|bench[0-9a-f]{6}|bcompat[0-9a-f]{6}|agentpool-suite-)")
-# Zsets and streams hold a live system's heartbeats and replies; a sample compares the other kinds.
-_SAMPLED_TYPES = {b"string", b"hash", b"list", b"set"}
 _T = TypeVar("_T")
 
 
@@ -150,28 +153,26 @@ async def _check_queues(url: str) -> list[str]:
     return problems
 
 
-def _redis_sample(r: redis.Redis, max_keys: int = 20, max_scanned: int = 2000) -> dict[bytes, bytes]:
-    """DUMPs of a few keys without a TTL that no test namespace owns (there may be none)."""
-    sample: dict[bytes, bytes] = {}
-    for n, key in enumerate(r.scan_iter(count=500)):
-        if len(sample) >= max_keys or n >= max_scanned:
-            break
-        if _THROWAWAY_KEY.match(key) or r.type(key) not in _SAMPLED_TYPES or r.ttl(key) != -1:
-            continue
-        value = r.dump(key)
-        if value is not None:
-            sample[key] = value
-    return sample
+def _plant_keys(r: redis.Redis) -> dict[str, bytes]:
+    """The sentinel keys -> their DUMPs."""
+    r.set(SENTINEL, RUN, ex=SENTINEL_TTL_S)
+    for key, (command, value) in SENTINEL_KEYS.items():
+        if command == "hset":
+            r.hset(key, mapping=value)  # type: ignore[arg-type]
+        else:
+            getattr(r, command)(key, *value)
+        r.expire(key, SENTINEL_TTL_S)
+    return {key: r.dump(key) for key in SENTINEL_KEYS}  # type: ignore[misc]
 
 
-def _redis_problems(r: redis.Redis, run_id: str, sample: dict[bytes, bytes]) -> list[str]:
+def _redis_problems(r: redis.Redis, run_id: str, planted: dict[str, bytes]) -> list[str]:
     try:
         problems = []
         if (now := r.info("server")["run_id"]) != run_id:
             problems.append(f"Redis restarted during the run (run_id {run_id} -> {now})")
         if r.get(SENTINEL) != RUN.encode() or r.ttl(SENTINEL) <= 0:
             problems.append(f"Redis key {SENTINEL} lost its value {RUN!r} or its TTL")
-        changed = [k for k, v in sample.items() if r.dump(k) != v]
+        changed = [k for k, v in planted.items() if r.dump(k) != v or r.ttl(k) <= 0]
         if changed:
             problems.append(f"Redis keys outside the suite's namespaces changed or vanished: {changed}")
         return problems
@@ -184,8 +185,8 @@ def shared_services_untouched() -> Iterator[None]:
     """Running the suite leaves the machine's Redis keys and RabbitMQ state outside its
     namespaces as it found them: planted before the first test, checked after the last.
 
-    Redis: a key with a value and a TTL, the server's run_id (a restart changes it) and a sample
-    of other keys. RabbitMQ: a durable queue with one message, and a transient queue that a
+    Redis: a string, a hash, a list and a set, each with a TTL, and the server's run_id (a restart
+    changes it). RabbitMQ: a durable queue with one message, and a transient queue that a
     restart of the broker would have dropped. A difference fails the run (an error in session
     teardown); the sentinels are deleted either way.
     """
@@ -195,15 +196,14 @@ def shared_services_untouched() -> Iterator[None]:
         return
     amqp_url, redis_url = shared
     with redis.Redis.from_url(redis_url, socket_timeout=10) as r:
-        r.set(SENTINEL, RUN, ex=SENTINEL_TTL_S)
-        run_id, sample = r.info("server")["run_id"], _redis_sample(r)
+        run_id, planted = r.info("server")["run_id"], _plant_keys(r)
         _off_loop(_plant_queues(amqp_url))
         try:
             yield
         finally:
-            problems = _redis_problems(r, run_id, sample) + _off_loop(_check_queues(amqp_url))
+            problems = _redis_problems(r, run_id, planted) + _off_loop(_check_queues(amqp_url))
             with contextlib.suppress(redis.RedisError):
-                r.delete(SENTINEL)
+                r.delete(SENTINEL, *SENTINEL_KEYS)
     if problems:
         pytest.fail("the suite touched services it does not own:\n- " + "\n- ".join(problems))
 
