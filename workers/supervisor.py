@@ -216,8 +216,12 @@ class Supervisor:
         return [p for p in dict.fromkeys([*await self.fleet.pool_names(), *running]) if self.wants(p)]
 
     async def reconcile(self) -> None:
-        await self.memory.check()
+        # Listed before the check: a Redis that loses its data between the two is caught by the
+        # check, and the list is read again once restored (else its tenant pools would count as
+        # evicted for a round, and the memory would forget them)
         listed = await self.fleet.pool_names()
+        if await self.memory.check():
+            listed = await self.fleet.pool_names()
         self.memory.saw_pools(listed)
         running = [r.pool for r in self.replicas.values()]
         self._pools = [p for p in dict.fromkeys([*listed, *running]) if self.wants(p)]
