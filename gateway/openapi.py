@@ -571,7 +571,17 @@ def _webhooks() -> dict[str, Any]:
             "in": "header",
             "required": True,
             "schema": _STR,
-            "description": "sha256=<hex HMAC-SHA256 of the raw body with the tenant's webhook secret>",
+            "description": "sha256=<hex HMAC-SHA256, with the tenant's webhook secret, of the "
+            "X-Webhook-Timestamp value, a '.', and the raw body>; check it with "
+            "agentpool.gateway.webhooks.verify",
+        },
+        {
+            "name": "X-Webhook-Timestamp",
+            "in": "header",
+            "required": True,
+            "schema": _INT,
+            "description": "Unix seconds when this attempt was signed: refuse one far from now "
+            "(verify allows 5 minutes) so a captured delivery cannot be replayed",
         },
         {
             "name": "X-Request-ID",

@@ -211,7 +211,7 @@ class Deliverer:
         self.redis = client.redis
         self.names = client.names
         self._due = self.names.webhooks_due()
-        self._leases = f"{self._due}:leases"  # hash: delivery id -> token of the gateway holding it
+        self._leases = self.names.webhook_leases()
         self._claim = self.redis.register_script(_CLAIM)
         self._renew = self.redis.register_script(_RENEW)
         self._settle = self.redis.register_script(_SETTLE)

@@ -86,6 +86,10 @@ class Names:
         """Sorted set: delivery id -> unix ms when a gateway should next look at it."""
         return f"{self.ns}:webhooks:due"
 
+    def webhook_leases(self) -> str:
+        """Hash: delivery id -> token of the gateway whose delivery task holds it."""
+        return f"{self.ns}:webhooks:leases"
+
     def webhook(self, delivery_id: str) -> str:
         return f"{self.ns}:webhook:{delivery_id}"
 
