@@ -19,7 +19,9 @@
     └── ProviderError                   502 PROVIDER_*  (raised inside workers, sent as events)
 
 Errors from aio-pika, redis and the SDKs are translated where they are caught (broker/amqp.py,
-broker/streams.py, workers/providers/*) so callers only ever see this tree.
+broker/streams.py, workers/providers/*) so callers only ever see this tree. The answers the HTTP
+guard writes before a request reaches the app (431 HEADERS_TOO_LARGE, 414 URI_TOO_LONG, 408
+REQUEST_TIMEOUT, 503 TOO_MANY_CONNECTIONS) have the same body shape: see gateway/guard.py.
 """
 
 from __future__ import annotations
