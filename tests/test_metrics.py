@@ -313,6 +313,7 @@ async def test_metrics_can_be_switched_off() -> None:
     from agentpool.gateway.app import create_app
 
     app = create_app(Settings(), make_config())
+    metrics.routed("p", "sticky")  # a labelled counter shows once a label set has been seen
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
         on = await http.get("/metrics")
         assert on.status_code == 200 and "agentpool_requests_routed_total" in on.text
