@@ -175,7 +175,8 @@ async def test_a_slow_receiver_delays_no_other_delivery(make_system) -> None:
         assert first.closed is None or first.closed > done
         # And the slow attempt is abandoned at its 3 s deadline and retried with backoff
         await wait_until(lambda: len(hook.of(slow)) >= 2, 10, "the slow delivery's second attempt")
-        assert first.closed is not None and 2.5 <= first.closed - first.opened <= 3.5
+        # (measured from when the body arrived, so a little under 3 s; a busy machine adds lag)
+        assert first.closed is not None and 2.0 <= first.closed - first.opened <= 4.5
         assert [c.headers["x-webhook-attempt"] for c in hook.of(slow)[:2]] == ["1", "2"]
 
 
