@@ -9,6 +9,7 @@ claims the ``Idempotency-Key``, records the request's tenant (``owner:{id}``, ch
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,8 @@ from agentpool.gateway.webhooks import START_GRACE_S, Deliverer
 from agentpool.shared.config import Pool
 from agentpool.shared.errors import BadRequest, NotFound, RateLimited
 from agentpool.shared.messages import EVENT_DECODER, Chat, Error
+
+log = logging.getLogger("agentpool.gateway")
 
 
 @dataclass(slots=True)
@@ -108,6 +111,7 @@ async def start(request: Request, a: Admitted) -> Started:
     rid, tid = new_id(), a.body.thread_id or new_id()
     start_by = time.time() + (a.body.max_wait_s or a.pool.limits.max_wait_s)
     idem: Idempotency = request.app.state.idempotency
+    claim: Claim | None = None
     with translated(client.settings.redis_url):
         if a.idem_key is not None:
             claim = Claim(
@@ -116,11 +120,15 @@ async def start(request: Request, a: Admitted) -> Started:
                 fingerprint=fingerprint(a.pool_name, a.body, a.chat),
                 start_by=start_by,
                 webhook=a.body.webhook_url is not None,
+                claimed_at=time.time(),
             )
             while (first := await idem.claim(a.principal.tenant, a.idem_key, claim)) is not None:
-                if not await _never_started(client, first):
-                    return await _replay(client, a, first)
-                if await idem.take_over(a.principal.tenant, a.idem_key, first, claim):
+                settled = await idem.settled(a.principal.tenant, a.idem_key, first)
+                if settled is None:
+                    continue  # released or taken over meanwhile: claim again
+                if not await _never_started(client, settled):
+                    return await _replay(client, a, settled)
+                if await idem.take_over(a.principal.tenant, a.idem_key, settled, claim):
                     break  # this request is the key's first now
         await client.redis.set(client.names.owner(rid), a.principal.tenant, ex=REPLY_TTL_S)
         if a.body.webhook_url is not None:
@@ -148,6 +156,11 @@ async def start(request: Request, a: Admitted) -> Started:
     except BaseException:
         await _undo(request, a, rid)
         raise
+    if claim is not None and a.idem_key is not None:
+        try:
+            await idem.published(a.principal.tenant, a.idem_key, claim)
+        except REDIS_ERRORS as e:  # it is queued: answer it; a repeat may time it out and run again
+            log.warning("request %s: could not mark its Idempotency-Key claim published: %s", rid, e)
     _follow_up(request, a, ticket, sub)
     accepted = a.body.webhook_url is not None
     return Started(ticket, None if accepted else sub, accepted=accepted)
@@ -194,9 +207,10 @@ async def _follow(
 
 
 async def _never_started(client: AgentPoolClient, first: Claim) -> bool:
-    """Did the key's first request end without an agent starting it? Its answer is QUEUE_TIMEOUT,
-    or it has no reply at all past its start_by (the gateway that claimed the key died before it
-    published): that one is timed out here first, atomic with a worker that would start it."""
+    """Did the key's first request end without an agent starting it? Its answer is QUEUE_TIMEOUT;
+    or it has no reply at all past its start_by, or its claim is still unpublished (settled: the
+    gateway that claimed the key died before publishing). Such a one is timed out here first,
+    atomic with a worker that would start it, so it can never run as well."""
     reply = client.names.reply(first.request_id)
 
     async def head() -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -204,8 +218,8 @@ async def _never_started(client: AgentPoolClient, first: Claim) -> bool:
 
     entries = await head()
     if not entries:
-        if time.time() < first.start_by + START_GRACE_S:
-            return False  # it may still start: the repeat waits for it
+        if first.published and time.time() < first.start_by + START_GRACE_S:
+            return False  # queued, and it may still start: the repeat waits for it
         await client.time_out(first.request_id)
         entries = await head()
         if not entries:

@@ -5,15 +5,20 @@ fingerprint of pool + body); a repeat with the same fingerprint reads the first 
 stream ``reply:{id}``, and one with another body gets 422 ``IDEMPOTENCY_CONFLICT``. A first
 request that could not be published releases its claim so that a retry can go through.
 
-A first request that never started (its answer is ``QUEUE_TIMEOUT``, or nothing at all past its
-``start_by``: the gateway that claimed the key died before it published) leaves no result
-either: a repeat takes the claim over (:meth:`Idempotency.take_over`) and runs as the first.
+The claiming gateway marks the claim ``published`` once RabbitMQ confirmed the request. A first
+request that never started leaves no result either: its answer is ``QUEUE_TIMEOUT``, or it has
+none past its ``start_by``, or its claim is still unpublished ``PUBLISH_GRACE_S`` after it was
+made (the gateway that claimed the key died before publishing). A repeat then ends it with
+``QUEUE_TIMEOUT`` itself, atomic with any worker that would start it (so it can never run too),
+takes the claim over (:meth:`Idempotency.take_over`) and runs as the first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import time
 
 import msgspec
 import redis.asyncio as aredis
@@ -25,6 +30,8 @@ from agentpool.shared.messages import Chat
 from agentpool.shared.names import Names
 
 IDEM_TTL_S = 24 * 3600
+PUBLISH_GRACE_S = 5.0  # a claim unpublished this long after it was made: its gateway is gone
+_POLL_S = 0.05  # a repeat of an unpublished claim looks again this often
 MAX_KEY_CHARS = 256
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII: safe inside a Redis key and in logs
 _CANON = msgspec.json.Encoder(order="sorted")
@@ -35,10 +42,13 @@ local v = redis.call('GET', KEYS[1])
 if v and {_CLAIM_OF} then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-_TAKE_OVER = f"""
+# ARGV: "<request id>", the new value, its TTL in seconds (0: keep the TTL)
+_REPLACE = f"""
 local v = redis.call('GET', KEYS[1])
-if v and {_CLAIM_OF} then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end
-return 0
+if not (v and {_CLAIM_OF}) then return 0 end
+if ARGV[3] == '0' then redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+return 1
 """
 
 
@@ -50,6 +60,13 @@ class Claim(msgspec.Struct, kw_only=True):
     fingerprint: str
     start_by: float
     webhook: bool = False
+    claimed_at: float = 0.0  # unix seconds
+    published: bool = False  # RabbitMQ confirmed the request
+
+
+def _of(request_id: str) -> bytes:
+    """How the JSON of ``request_id``'s claim begins (request_id is its first field)."""
+    return b'{"request_id":' + msgspec.json.encode(request_id)
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -79,7 +96,7 @@ class Idempotency:
         self.redis = redis
         self.names = names
         self._release = redis.register_script(_RELEASE)
-        self._take_over = redis.register_script(_TAKE_OVER)
+        self._replace = redis.register_script(_REPLACE)
 
     async def claim(self, tenant: str, key: str, claim: Claim) -> Claim | None:
         """None if this request is the first with ``key``; else the first one's claim (or 422)."""
@@ -99,17 +116,33 @@ class Idempotency:
 
     async def release(self, tenant: str, key: str, request_id: str) -> None:
         """Drop the claim of ``request_id`` (it was never published)."""
-        await self._release(keys=[self.names.idem(tenant, key)], args=[f'"{request_id}"'])
+        await self._release(keys=[self.names.idem(tenant, key)], args=[_of(request_id)])
+
+    async def published(self, tenant: str, key: str, claim: Claim) -> None:
+        """Mark ``claim`` published (unless a repeat took it over meanwhile)."""
+        await self._swap(tenant, key, claim, msgspec.structs.replace(claim, published=True), ttl_s=0)
+
+    async def settled(self, tenant: str, key: str, first: Claim) -> Claim | None:
+        """``first`` once it is published, or its grace is over; None if it was released or
+        replaced meanwhile (claim again)."""
+        k = self.names.idem(tenant, key)
+        while not first.published and time.time() < first.claimed_at + PUBLISH_GRACE_S:
+            await asyncio.sleep(_POLL_S)
+            raw = await self.redis.get(k)
+            now = None if raw is None else msgspec.json.decode(raw, type=Claim)
+            if now is None or now.request_id != first.request_id:
+                return None
+            first = now
+        return first
 
     async def take_over(self, tenant: str, key: str, stale: Claim, claim: Claim) -> bool:
         """Replace the ``stale`` claim (its request never started) by ``claim``; False if another
         repeat replaced it first."""
-        return bool(
-            await self._take_over(
-                keys=[self.names.idem(tenant, key)],
-                args=[f'"{stale.request_id}"', msgspec.json.encode(claim), IDEM_TTL_S],
-            )
-        )
+        return await self._swap(tenant, key, stale, claim, ttl_s=IDEM_TTL_S)
+
+    async def _swap(self, tenant: str, key: str, old: Claim, new: Claim, ttl_s: int) -> bool:
+        args: list[bytes | int] = [_of(old.request_id), msgspec.json.encode(new), ttl_s]
+        return bool(await self._replace(keys=[self.names.idem(tenant, key)], args=args))
 
     async def keep_result(self, request_id: str) -> None:
         """Keep the reply stream (and its owner) as long as the key, not the usual hour."""

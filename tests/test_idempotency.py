@@ -9,7 +9,7 @@ import httpx
 import msgspec
 import pytest
 
-from agentpool.gateway.idempotency import IDEM_TTL_S, Claim, Idempotency, fingerprint
+from agentpool.gateway.idempotency import IDEM_TTL_S, PUBLISH_GRACE_S, Claim, Idempotency, fingerprint
 from agentpool.gateway.schemas import AskBody
 from tests.api_helpers import h, make_key, receiver, tenant_config
 from tests.conftest import System, running_gateway, wait_until
@@ -169,60 +169,62 @@ async def test_the_promise_outlives_the_gateway_that_accepted_the_request(make_s
     assert again.headers["idempotent-replayed"] == "true"
 
 
-async def _plant_stale_claim(system: System, key: str, body: dict[str, str], start_in_s: float) -> str:
-    """The claim a gateway leaves when it dies after claiming the key and before publishing: the
-    key's first request, never published. -> its request id."""
-    rid = f"never-published-{key}"
-    claim = Claim(
-        request_id=rid,
-        thread_id=body["thread_id"],
-        fingerprint=fingerprint("pa", msgspec.json.decode(msgspec.json.encode(body), type=AskBody)),
-        start_by=time.time() + start_in_s,
-    )
-    assert await Idempotency(system.client.redis, system.client.names).claim("default", key, claim) is None
-    return rid
-
-
 async def test_a_repeat_runs_a_first_request_that_was_never_published(make_system) -> None:
     system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
     redis, names = system.client.redis, system.client.names
     body = {"content": "charge once", "thread_id": "t-stale"}
-    # Given a key claimed by a gateway that died before publishing, whose start_by has passed
-    stale = await _plant_stale_claim(system, "order-7", body, start_in_s=-5)
+    # Given a key claimed 4 s ago by a gateway that died before publishing (what it leaves behind)
+    stale = Claim(
+        request_id="never-published",
+        thread_id="t-stale",
+        fingerprint=fingerprint("pa", msgspec.json.decode(msgspec.json.encode(body), type=AskBody)),
+        start_by=time.time() + 60,
+        claimed_at=time.time() - (PUBLISH_GRACE_S - 1),
+    )
+    assert await Idempotency(redis, names).claim("default", "order-7", stale) is None
     async with (
         running_gateway(system.settings, system.config) as url,
         httpx.AsyncClient(base_url=url, timeout=20) as http,
     ):
         # When the client repeats the request with the same key
+        t0 = time.monotonic()
         r = await http.post("/v1/ask/pa", json=body, headers=idem("order-7"))
-        # Then it runs, as the key's first request (no QUEUE_TIMEOUT, no 404 for 24 h)
+        # Then, once the claim's grace is over (~1 s here), it runs as the key's first request
+        # (not a QUEUE_TIMEOUT a minute later, nor a 404 for 24 h)
         assert r.status_code == 200, r.text
-        assert r.json()["request_id"] != stale and r.json()["content"]
-        assert "idempotent-replayed" not in r.headers
-        # and the next repeat gets that answer
+        assert r.json()["request_id"] != stale.request_id and r.json()["content"]
+        assert "idempotent-replayed" not in r.headers and time.monotonic() - t0 >= 0.9
+        # and the next repeat gets that answer at once
         again = await http.post("/v1/ask/pa", json=body, headers=idem("order-7"))
         assert again.status_code == 200 and again.json() == r.json()
         assert again.headers["idempotent-replayed"] == "true"
-    # the thread got one turn; the stale request is ended (QUEUE_TIMEOUT) and marked cancelled
+    # the thread got one turn; the stale request is ended (QUEUE_TIMEOUT) and marked cancelled, so
+    # a late publish of it would never run
     assert await redis.llen(names.thread("default", "t-stale")) == 2
-    ((_id, fields),) = await redis.xrange(names.reply(stale))
-    assert b"QUEUE_TIMEOUT" in fields[b"d"] and await redis.exists(names.cancel(stale))
+    ((_id, fields),) = await redis.xrange(names.reply(stale.request_id))
+    assert b"QUEUE_TIMEOUT" in fields[b"d"] and await redis.exists(names.cancel(stale.request_id))
 
 
 async def test_a_repeat_after_a_queue_timeout_runs_again(make_system) -> None:
-    system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
-    body = {"content": "book a seat", "thread_id": "t-late"}
-    # Given a key whose first request was never published and may still start for 1 s
-    stale = await _plant_stale_claim(system, "seat-1", body, start_in_s=1.0)
+    # Given a replica busy with 4 slow requests (its concurrency), 1.2 s each
+    cfg = tenant_config(pools={"pa": "default"}, tokens_per_s=10)
+    system: System = await make_system(config=cfg)
     async with (
         running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
-        # When a repeat comes while it may still start, it waits for it: its answer is the first's
+        busy = [asyncio.create_task(http.post("/v1/ask/pa", json={"content": f"b{i}"})) for i in range(4)]
+        (worker,) = system.workers.values()
+        await wait_until(lambda: len(worker._tasks) == 4, 5, "4 running")
+        # When a keyed request waits for an agent no longer than 0.3 s: 504 QUEUE_TIMEOUT
+        body = {"content": "book a seat", "max_wait_s": 0.3}
         r = await http.post("/v1/ask/pa", json=body, headers=idem("seat-1"))
         assert r.status_code == 504 and r.json()["error_code"] == "QUEUE_TIMEOUT", r.text
-        assert r.json()["details"].get("request_id", stale) == stale
-        # Then the next repeat does not get that QUEUE_TIMEOUT again: nothing ran, so it runs
+        await asyncio.gather(*busy)
+        # Then a repeat with the same key does not get that QUEUE_TIMEOUT again: nothing ran, so it runs
         again = await http.post("/v1/ask/pa", json=body, headers=idem("seat-1"))
         assert again.status_code == 200 and again.json()["content"], again.text
-        assert again.json()["request_id"] != stale and "idempotent-replayed" not in again.headers
+        assert "idempotent-replayed" not in again.headers
+        # and the one after gets its answer
+        third = await http.post("/v1/ask/pa", json=body, headers=idem("seat-1"))
+        assert third.json() == again.json() and third.headers["idempotent-replayed"] == "true"
