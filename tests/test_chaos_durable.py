@@ -363,6 +363,7 @@ class Chaos:
     rabbit: RabbitNode
     log: list[str] = field(default_factory=list)
     down: dict[str, list[tuple[float, float]]] = field(default_factory=lambda: collections.defaultdict(list))
+    faults: list[tuple[float, str]] = field(default_factory=list)  # (when it began, what)
 
     async def run(self) -> None:
         t0 = time.monotonic()
@@ -379,6 +380,7 @@ class Chaos:
 
     async def step(self, what: str, fault: Any, down: str | None, back: Any = None) -> None:
         t = time.monotonic()
+        self.faults.append((t, what))
         if asyncio.iscoroutinefunction(fault):
             await fault()
         else:  # a server's stop or kill: blocking calls
@@ -585,8 +587,25 @@ class Verdict:
         self.replays = await self.replay(cluster)
         await asyncio.sleep(0.5)  # a repeat must not deliver again
         per_id = Counter(d.headers["x-request-id"] for d in self.hook.deliveries)
-        self.hook_dupes = {rid: n for rid, n in per_id.items() if n > 1}
+        self.hook_dupes = {rid: self._dupe(rid) for rid, n in per_id.items() if n > 1}
+        # a delivery repeats only as a later attempt (its gateway died mid-attempt, or the receiver
+        # failed): the same attempt posted twice would be two gateways delivering it at once
+        for rid in self.hook_dupes:
+            attempts = [
+                int(d.headers["x-webhook-attempt"])
+                for d in self.hook.deliveries
+                if d.headers["x-request-id"] == rid
+            ]
+            self.report.expect(attempts == sorted(set(attempts)), f"webhook {rid} attempts {attempts}")
         self.report.expect(set(per_id) <= hooked, f"webhooks for unknown requests: {set(per_id) - hooked}")
+
+    def _dupe(self, rid: str) -> str:
+        """A repeated delivery: its attempt numbers, the seconds between them, the fault before."""
+        ds = [d for d in self.hook.deliveries if d.headers["x-request-id"] == rid]
+        before = [what for t, what in self.chaos.faults if t <= ds[-1].at]
+        attempts = ",".join(d.headers.get("x-webhook-attempt", "?") for d in ds)
+        after = before[-1] if before else "none"
+        return f"attempts {attempts}, {ds[-1].at - ds[0].at:.1f}s apart, after {after}"
 
     async def replay(self, cluster: Cluster) -> int:
         """Every idempotent call, repeated now: the first request's id and content."""
