@@ -199,7 +199,7 @@ def refusal(address: str) -> str | None:
         kind, v4 = embedded
         why = _v4_refusal(v4)
         if why is not None:
-            return f"{kind} of a {why}"
+            return f"{kind} of {_a(why)}"
         if kind != "6to4":  # the packets go to the public IPv4 address itself
             return None
     why = next((why for net, why in _V6_REFUSED if ip in net), None)
@@ -219,6 +219,11 @@ def _embedded(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | 
     return None
 
 
+def _a(words: str) -> str:
+    vowel = words[:1].lower() in "aeiou" and not words.startswith("uni")  # a unique, an unspecified
+    return ("an " if vowel else "a ") + words
+
+
 def _v4_refusal(ip: ipaddress.IPv4Address) -> str | None:
     why = next((why for net, why in _V4_REFUSED if ip in net), None)
     if why is None and not ip.is_global:
@@ -233,9 +238,9 @@ def check_addresses(target: Target, addresses: list[str]) -> None:
     reasons = sorted({why for a in addresses if (why := refusal(a)) is not None})
     if reasons or not addresses:
         verb = "is" if target.is_ip else "resolves to"
+        what = _a(" and ".join(reasons)) if reasons else "no"
         raise _refuse(
-            f"host {target.host} {verb} a {' and '.join(reasons) or 'no'} address; "
-            "list the host in [webhooks] allow_hosts to allow it"
+            f"host {target.host} {verb} {what} address; list the host in [webhooks] allow_hosts to allow it"
         )
 
 
