@@ -81,4 +81,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
             str(exc.detail), error_code="METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST"
         )
         err.status = exc.status_code
-    return error_response(err, exc.headers)  # a 405's Allow
+    headers = dict(exc.headers or {})
+    if "Allow" in headers:  # Starlette joins a set: the same methods in a stable order
+        headers["Allow"] = ", ".join(sorted(m.strip() for m in headers["Allow"].split(",")))
+    return error_response(err, headers)  # a 405's Allow

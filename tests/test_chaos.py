@@ -91,8 +91,15 @@ async def _sigkill_under_load(system: System, sup: Supervisor) -> None:
                 sent[t].append(rid)
                 done[rid] = events
 
+    async def busy() -> bool:
+        """100 answers in, and the victim's last heartbeat says it runs requests (on a loaded
+        machine the router may leave a replica whose heartbeat lags idle for a while)."""
+        if len(done) < 100:
+            return False
+        return any(r.id == "p-main-2" and r.in_flight > 0 for r in await client.registry.replicas("p"))
+
     async def killer() -> None:
-        await wait_until(lambda: len(done) >= 100, 60, "100 answers before the kill")
+        await wait_until(busy, 60, "100 answers, and requests in flight on the victim")
         victim = sup.replicas[("p", "main", 2)].proc
         assert victim is not None
         os.kill(victim.pid, signal.SIGKILL)
