@@ -35,7 +35,7 @@ _POLL_S = 0.05  # a repeat of an unpublished claim looks again this often
 MAX_KEY_CHARS = 256
 _KEY = re.compile(r"^[\x21-\x7e]{1,256}$")  # visible ASCII: safe inside a Redis key and in logs
 _CANON = msgspec.json.Encoder(order="sorted")
-_CLAIM_OF = "string.find(v, ARGV[1], 1, true)"  # the claim's JSON holds "<request id>"
+_CLAIM_OF = "string.sub(v, 1, #ARGV[1]) == ARGV[1]"  # ARGV[1]: _of(request id), how its JSON begins
 
 _RELEASE = f"""
 local v = redis.call('GET', KEYS[1])
