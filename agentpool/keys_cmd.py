@@ -17,11 +17,13 @@ EXIT_USAGE = 2
 
 def add_parser(sub: Any) -> None:
     """Register ``keys`` on the top-level subparsers."""
+    from agentpool.shared.api_config import SCOPES
+
     k = sub.add_parser("keys", help="API keys: create (printed once), list, revoke")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     c = ks.add_parser("create", help="create a key for a tenant and print it once")
     c.add_argument("--tenant", required=True)
-    c.add_argument("--scope", action="append", choices=["ask", "admin"], help="repeatable; default: ask")
+    c.add_argument("--scope", action="append", choices=list(SCOPES), help="repeatable; default: ask")
     c.add_argument("--rpm", type=int, help="this key's requests per minute (default: the pools file's)")
     ls = ks.add_parser("list", help="list keys (never the keys themselves)")
     ls.add_argument("--tenant")

@@ -28,6 +28,7 @@ import msgspec
 from agentpool.broker import tenants, topology
 from agentpool.broker.amqp import Amqp, QueueFull, QueueGone
 from agentpool.broker.fleet import Activity, Fleet
+from agentpool.broker.history import Recorder
 from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
 from agentpool.broker.registry import Registry
 from agentpool.broker.router import Router
@@ -128,6 +129,7 @@ class AgentPoolClient:
         self.router = Router(settings.routing)
         self.fleet = Fleet(self.redis, self.names, config)
         self.activity = Activity(self.fleet)  # last request per pool, for idle shrink and wake
+        self.history = Recorder(self.redis, self.names)  # refusals, for the dashboard's charts
         self._tenant_pools: dict[str, float] = {}  # per-tenant pool -> registration checked until
         self._refresher: asyncio.Task[None] | None = None
         self._state = "new"
@@ -171,6 +173,7 @@ class AgentPoolClient:
         await cancel_and_wait([self._refresher])
         with contextlib.suppress(*REDIS_ERRORS):
             await self.activity.flush()  # the last requests still count toward keeping pools awake
+            await self.history.flush()
         await self.reader.aclose()
         await self.amqp.aclose()
         await self.redis.aclose()
@@ -186,6 +189,7 @@ class AgentPoolClient:
             try:
                 await self.refresh_membership()
                 await self.activity.flush()
+                await self.history.flush()
             except REDIS_ERRORS as e:
                 log.warning("membership refresh failed: %s", e)
 
@@ -341,6 +345,7 @@ class AgentPoolClient:
             await self.refresh_membership()
         if full or (not plan and self.router.members(req.pool)):
             metrics.routed(req.pool, "rejected")
+            self.history.refused(req.pool, 503)
             raise Unavailable(
                 f"pool {req.pool!r} is saturated: every replica is at its depth limit",
                 error_code="POOL_SATURATED",

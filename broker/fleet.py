@@ -30,6 +30,7 @@ from agentpool.shared.names import Names
 
 log = logging.getLogger("agentpool.fleet")
 
+DRAIN_TTL_S = 300  # a drain request no supervisor acted on by then is forgotten
 PoolHealth = Literal["healthy", "degraded", "unhealthy", "idle"]
 
 
@@ -92,6 +93,19 @@ class Fleet:
         await self.touch(pool)
         await self.nudge("desired", pool)
 
+    async def drain(self, pool: str, replica: ReplicaInfo) -> None:
+        """Ask the supervisor running ``replica`` to replace it: a new replica starts, and once it is
+        ready this one drains (stops taking work, finishes what it has) and exits. Keyed by pid, so
+        a later process in the same slot is not drained by an old request."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.names.drains(pool), replica.id, replica.pid)
+        pipe.expire(self.names.drains(pool), DRAIN_TTL_S)
+        await pipe.execute()
+        await self.nudge("drain", pool)
+
+    async def drained(self, pool: str, replica_id: str) -> None:
+        await self.redis.hdel(self.names.drains(pool), replica_id)
+
     async def restart(self, pool: str) -> int:
         gen = int(await self.redis.incr(self.keys.restart(pool)))
         await self.nudge("restart", pool)
@@ -117,6 +131,7 @@ class Fleet:
         pipe.get(self.keys.restart(pool))
         pipe.hget(self.keys.requests, pool)
         pipe.hget(self.keys.cold_starts, pool)
+        pipe.hgetall(self.names.drains(pool))
         res = await pipe.execute()
         k = len(cfg.deployments)
         pairs = zip(cfg.deployments, res[:k], strict=True)
@@ -125,7 +140,7 @@ class Fleet:
             base[d.name] = int(raw) if raw is not None else d.replicas
             if raw is not None:
                 stored.append(d.name)
-        last, gen, requests, cold = res[k:]
+        last, gen, requests, cold, drains = res[k:]
         now = now or time.time()
         last_at = float(last) if last is not None else None
         return PoolSnapshot(
@@ -137,6 +152,7 @@ class Fleet:
             restart_generation=int(gen or 0),
             requests=int(requests or 0),
             cold_starts=int(cold or 0),
+            drains={k.decode(): int(v) for k, v in drains.items()},
             replicas=await self.registry.replicas(pool),
             now=now,
         )
@@ -221,6 +237,7 @@ class PoolSnapshot(msgspec.Struct, kw_only=True):
     restart_generation: int
     requests: int
     cold_starts: int
+    drains: dict[str, int] = {}  # replica id -> pid an operator asked to drain
     replicas: list[ReplicaInfo]
     now: float
 
@@ -247,8 +264,13 @@ class PoolSnapshot(msgspec.Struct, kw_only=True):
 
     def _deployment(self, name: str) -> DeploymentStatus:
         mine = [r for r in self.replicas if r.deployment == name]
+        dep = next(d for d in self.config.deployments if d.name == name)
+        weights = sum(d.weight for d in self.config.deployments)
         return DeploymentStatus(
             name=name,
+            agent_type=dep.agent_type,
+            weight=dep.weight,
+            share=round(dep.weight / weights, 4) if weights else 0.0,
             desired=self.desired(name),
             configured=self.base[name],
             ready=sum(r.status == "ready" for r in mine),
@@ -270,6 +292,9 @@ def _health(deps: list[DeploymentStatus], is_asleep: bool) -> PoolHealth:
 
 class DeploymentStatus(msgspec.Struct, kw_only=True):
     name: str
+    agent_type: str
+    weight: int
+    share: float  # its weight over the pool's total weight: the share of new threads it gets
     desired: int  # replicas wanted now (configured, or min_replicas while the pool is idle)
     configured: int  # desired replicas set by `scale` / the admin API, else the pools file
     ready: int
@@ -287,6 +312,7 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     processed: int
     errors: int
     avg_latency_ms: float
+    p50_latency_ms: float
     started_at: float
     last_heartbeat: float
     pid: int
@@ -306,6 +332,7 @@ class ReplicaView(msgspec.Struct, kw_only=True):
             processed=r.processed,
             errors=r.errors,
             avg_latency_ms=r.avg_latency_ms,
+            p50_latency_ms=r.p50_latency_ms,
             started_at=r.started_at,
             last_heartbeat=r.heartbeat_at,
             pid=r.pid,

@@ -32,6 +32,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     processed: int = 0
     errors: int = 0
     avg_latency_ms: float = 0.0
+    p50_latency_ms: float = 0.0  # over the replica's latest requests
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     warmup_ms: float = 0.0

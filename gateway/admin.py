@@ -4,12 +4,14 @@
     GET  /v1/pools                                   each pool: status, desired vs actual per deployment
     GET  /v1/pools/{pool}                            the pool and each of its replicas
     POST /v1/pools/{pool}/restart                    rolling restart, one replica at a time
+    POST /v1/pools/{pool}/agents/{agent_id}/drain    replace one replica: a new one starts, then it drains
     GET  /v1/health                                  pools, healthy pools, active/total requests, latency
 
 Status comes from broker/fleet.py, the same computation ``agentpool status`` prints. These routes
-need the ``admin`` scope (gateway/auth.py) and, like everything else, stay within the caller's
-tenant: its pools (``tenant`` of a static pool; ``{pool}--{tenant}`` pools) are all it sees. The
-fleet-wide view is ``agentpool status``, for operators with access to Redis.
+need the ``admin`` scope (gateway/auth.py) and stay within the caller's tenant: its pools
+(``tenant`` of a static pool; ``{pool}--{tenant}`` pools) are all it sees, another tenant's pool
+looks like no pool. A key that also holds ``fleet`` (an operator's) sees and acts on every
+tenant's pools, per-tenant pools included, as ``agentpool status`` does.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ from starlette.routing import Route
 from agentpool.broker.fleet import DeploymentStatus, Fleet, Health, PoolStatus
 from agentpool.broker.leases import MAX_REPLICAS
 from agentpool.broker.redis_conn import translated
-from agentpool.gateway.auth import require
+from agentpool.gateway.auth import Principal, require
 from agentpool.gateway.http import JSON, decode, read_body
-from agentpool.shared.errors import NotFound
+from agentpool.shared.errors import NotFound, StateConflict
 
 MAX_ADMIN_BODY_BYTES = 4096
 
-Handler = Callable[[Request, Fleet, str], Awaitable[Response]]
+Handler = Callable[[Request, Fleet, Principal], Awaitable[Response]]
 
 
 class ScaleBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -50,33 +52,43 @@ class PoolSummary(msgspec.Struct, kw_only=True):
 
 
 def admin(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """The route: the caller must hold ``admin``; it gets its tenant; Redis errors become 503."""
+    """The route: the caller must hold ``admin``; it gets the caller; Redis errors become 503."""
 
     async def route(request: Request) -> Response:
         principal = await require(request, "admin")
         client = request.app.state.client
         with translated(client.settings.redis_url):
-            return await handler(request, client.fleet, principal.tenant)
+            return await handler(request, client.fleet, principal)
 
     route.__doc__ = handler.__doc__
     return route
 
 
-async def _pools(fleet: Fleet, tenant: str) -> list[str]:
-    """The tenant's pools that run replicas (static ones, and per-tenant ones made already)."""
-    return [p for p in await fleet.pool_names() if (cfg := fleet.pool_config(p)) and cfg.tenant == tenant]
+def fleet_wide(principal: Principal) -> bool:
+    return "fleet" in principal.scopes
 
 
-async def _known(fleet: Fleet, pool: str, tenant: str) -> str:
-    """``pool`` if it is one of the tenant's; another tenant's pool looks exactly like no pool."""
-    if pool not in await _pools(fleet, tenant):
+async def visible_pools(fleet: Fleet, principal: Principal) -> list[str]:
+    """The pools the caller sees that run replicas (static ones, and per-tenant ones made already):
+    its tenant's, or every tenant's for a ``fleet`` key."""
+    everyone = fleet_wide(principal)
+    return [
+        p
+        for p in await fleet.pool_names()
+        if (cfg := fleet.pool_config(p)) and (everyone or cfg.tenant == principal.tenant)
+    ]
+
+
+async def _known(fleet: Fleet, pool: str, principal: Principal) -> str:
+    """``pool`` if the caller sees it; another tenant's pool looks exactly like no pool."""
+    if pool not in await visible_pools(fleet, principal):
         raise NotFound(f"no pool named {pool!r}", error_code="POOL_NOT_FOUND", details={"pool": pool})
     return pool
 
 
-async def scale(request: Request, fleet: Fleet, tenant: str) -> Response:
+async def scale(request: Request, fleet: Fleet, principal: Principal) -> Response:
     """Set a deployment's desired replicas (also wakes an idle pool)."""
-    pool = await _known(fleet, request.path_params["pool"], tenant)
+    pool = await _known(fleet, request.path_params["pool"], principal)
     deployment = request.path_params["deployment"]
     cfg = fleet.pool_config(pool)
     if cfg is None or deployment not in {d.name for d in cfg.deployments}:
@@ -90,25 +102,48 @@ async def scale(request: Request, fleet: Fleet, tenant: str) -> Response:
     return JSON({"pool": pool, "deployment": deployment, "replicas": body.replicas})
 
 
-async def list_pools(request: Request, fleet: Fleet, tenant: str) -> Response:
-    """Every pool of the tenant: status, and desired vs ready replicas per deployment."""
-    return JSON({"pools": [PoolSummary.of(await fleet.status(p)) for p in await _pools(fleet, tenant)]})
+async def list_pools(request: Request, fleet: Fleet, principal: Principal) -> Response:
+    """Every pool the caller sees: status, and desired vs ready replicas per deployment."""
+    pools = await visible_pools(fleet, principal)
+    return JSON({"pools": [PoolSummary.of(await fleet.status(p)) for p in pools]})
 
 
-async def get_pool(request: Request, fleet: Fleet, tenant: str) -> Response:
+async def get_pool(request: Request, fleet: Fleet, principal: Principal) -> Response:
     """One pool with each of its live replicas."""
-    return JSON(await fleet.status(await _known(fleet, request.path_params["pool"], tenant)))
+    return JSON(await fleet.status(await _known(fleet, request.path_params["pool"], principal)))
 
 
-async def restart(request: Request, fleet: Fleet, tenant: str) -> Response:
+async def restart(request: Request, fleet: Fleet, principal: Principal) -> Response:
     """Rolling restart: supervisors replace the pool's replicas one at a time."""
-    pool = await _known(fleet, request.path_params["pool"], tenant)
+    pool = await _known(fleet, request.path_params["pool"], principal)
     return JSON({"pool": pool, "restart_generation": await fleet.restart(pool)}, status_code=202)
 
 
-async def health(request: Request, fleet: Fleet, tenant: str) -> Response:
-    """Totals over the tenant's pools: pools, healthy ones, active and total requests, avg response."""
-    return JSON(Health.of([await fleet.status(p) for p in await _pools(fleet, tenant)]))
+async def drain(request: Request, fleet: Fleet, principal: Principal) -> Response:
+    """Replace one live replica without losing capacity: its supervisor starts a new replica, and
+    once that one is ready this one stops taking work, finishes what it has, and exits."""
+    pool = await _known(fleet, request.path_params["pool"], principal)
+    agent_id = request.path_params["agent_id"]
+    found = next((r for r in await fleet.registry.replicas(pool) if r.id == agent_id), None)
+    if found is None:
+        raise NotFound(
+            f"pool {pool!r} has no live agent {agent_id!r}",
+            error_code="AGENT_NOT_FOUND",
+            details={"pool": pool, "agent_id": agent_id},
+        )
+    if found.status == "draining":
+        raise StateConflict(
+            f"agent {agent_id!r} is draining already",
+            error_code="AGENT_DRAINING",
+            details={"pool": pool, "agent_id": agent_id},
+        )
+    await fleet.drain(pool, found)
+    return JSON({"pool": pool, "agent_id": agent_id, "pid": found.pid, "draining": True}, status_code=202)
+
+
+async def health(request: Request, fleet: Fleet, principal: Principal) -> Response:
+    """Totals over the caller's pools: pools, healthy ones, active and total requests, avg response."""
+    return JSON(Health.of([await fleet.status(p) for p in await visible_pools(fleet, principal)]))
 
 
 ROUTES = [
@@ -116,5 +151,6 @@ ROUTES = [
     Route("/v1/pools/{pool}", admin(get_pool), methods=["GET"]),
     Route("/v1/pools/{pool}/deployments/{deployment}", admin(scale), methods=["PUT"]),
     Route("/v1/pools/{pool}/restart", admin(restart), methods=["POST"]),
+    Route("/v1/pools/{pool}/agents/{agent_id}/drain", admin(drain), methods=["POST"]),
     Route("/v1/health", admin(health), methods=["GET"]),
 ]

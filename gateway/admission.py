@@ -81,6 +81,7 @@ async def rate_limit(request: Request, principal: Principal, name: str, pool: Po
     headers = verdict.headers() if verdict is not None else {}
     request.state.rate_headers = headers  # the error handler adds them to error answers too
     if verdict is not None and not verdict.allowed:
+        client.history.refused(name, 429)
         raise RateLimited(
             f"rate limit of {verdict.limit} requests per minute exceeded",
             retry_after_s=verdict.retry_after_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
 from agentpool.broker.redis_conn import redis_unavailable
-from agentpool.gateway import admin, anthropic_compat, external, openai_compat, routes
+from agentpool.gateway import admin, anthropic_compat, dashboard, external, openai_compat, routes
 from agentpool.gateway.http import error_response, on_client_gone
 from agentpool.shared.config import Config, load_config
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AgentPoolClient(settings, config) as client:
             app.state.client = client
+            app.state.views = dashboard.Views(client)
             async with external.lifespan(app, client, settings, prepared):
                 yield
 
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
             Route("/v1/models", openai_compat.list_models, methods=["GET"]),
             Route("/v1/models/{model}", openai_compat.get_model, methods=["GET"]),
             *admin.ROUTES,
+            *dashboard.ROUTES,
             *external.ROUTES,
         ],
         lifespan=lifespan,
@@ -59,6 +62,7 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
     )
     app.state.settings = settings
     app.state.config = config
+    app.state.closing = asyncio.Event()  # set when the server begins to stop (gateway/server.py)
     return app
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httptools
@@ -70,6 +71,7 @@ class Guard(HttpToolsProtocol):
     head_timeout_s: ClassVar[float]
     max_connections: ClassVar[int]
     answers: ClassVar[dict[int, bytes]]  # status -> the response after its status line
+    on_shutdown: ClassVar[tuple[Callable[[], None], ...]] = ()  # run when the server begins to stop
     _warned_at: ClassVar[float] = float("-inf")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -88,6 +90,12 @@ class Guard(HttpToolsProtocol):
             return
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def shutdown(self) -> None:
+        """uvicorn stops: endless streams (the dashboard's) end now instead of at its grace timeout."""
+        for hook in self.on_shutdown:
+            hook()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -207,8 +215,9 @@ class Guard(HttpToolsProtocol):
             )
 
 
-def guarded(settings: Settings) -> type[Guard]:
-    """``Guard`` with ``settings``' bounds, for ``uvicorn.Config(http=...)``."""
+def guarded(settings: Settings, hook: Callable[[], None] | None = None) -> type[Guard]:
+    """``Guard`` with ``settings``' bounds, for ``uvicorn.Config(http=...)``; ``hook`` runs when the
+    server begins to stop."""
 
     class Bounded(Guard):
         max_head = settings.max_header_bytes
@@ -216,6 +225,7 @@ def guarded(settings: Settings) -> type[Guard]:
         head_timeout_s = settings.header_timeout_s
         max_connections = settings.max_connections
         answers = _answers(settings)
+        on_shutdown = (hook,) if hook is not None else ()
 
     return Bounded
 

@@ -30,7 +30,8 @@ def server(
         host=host,
         port=port,
         loop="uvloop",
-        http=guarded(settings),  # httptools, bounded: head size, URL, head timeout, connections
+        # httptools, bounded: head size, URL, head timeout, connections; on stop, endless streams end
+        http=guarded(settings, app.state.closing.set),
         lifespan="on",
         access_log=False,
         log_config=None,

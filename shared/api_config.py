@@ -13,8 +13,10 @@ import msgspec
 # Tenants appear inside Redis keys (``thread:{tenant}:{thread_id}``); no ``:`` keeps them unambiguous.
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 Tenant = Annotated[str, msgspec.Meta(pattern=TENANT_PATTERN)]
-Scope = Literal["ask", "admin"]
-SCOPES: tuple[Scope, ...] = ("ask", "admin")
+# ask: call pools; admin: manage the tenant's pools and keys; fleet: an operator's, whose admin
+# reads and actions span every tenant's pools (the dashboard's fleet-wide view)
+Scope = Literal["ask", "admin", "fleet"]
+SCOPES: tuple[Scope, ...] = ("ask", "admin", "fleet")
 _TENANT = re.compile(TENANT_PATTERN)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -96,6 +96,14 @@ class Names:
     def webhook_secret(self, tenant: str) -> str:
         return f"{self.ns}:webhook-secret:{tenant}"
 
+    def history(self, pool: str, bucket: int) -> str:
+        """Hash: a pool's counts over one ``HISTORY_BUCKET_S`` bucket starting at unix s ``bucket``."""
+        return f"{self.ns}:hist:{pool}:{bucket}"
+
+    def drains(self, pool: str) -> str:
+        """Hash: replica id -> pid of the process an operator asked to drain (and replace)."""
+        return f"{self.ns}:drain:{pool}"
+
     def pattern(self) -> str:
         return f"{self.ns}:*"
 

@@ -1,6 +1,8 @@
 """Rolling restart: replace replicas started before the pool's restart generation, one at a time.
 
-``POST /v1/pools/{pool}/restart`` bumps ``restart:{pool}``. A supervisor holding a stale replica
+``POST /v1/pools/{pool}/restart`` bumps ``restart:{pool}``; ``POST /v1/pools/{pool}/agents/{id}/drain``
+marks one replica (by pid, in ``drain:{pool}``) to be replaced the same way. A supervisor holding a
+stale replica
 takes the pool's restart lock (one step at a time across every supervisor), starts a replacement
 in an extra slot (desired + 1, so capacity never drops below desired), waits until it is ready,
 then retires the stale replica (drain) and releases the lock once it has exited.
@@ -38,22 +40,37 @@ def lock_name(pool: str) -> str:
 
 
 def stale(sup: Supervisor, snap: PoolSnapshot) -> list[Replica]:
-    """Our running replicas of the pool started before its current restart generation."""
+    """Our running replicas of the pool started before its current restart generation, or asked
+    to drain."""
     return [
         r
         for r in sup.replicas.values()
-        if r.pool == snap.name and not r.stopping and r.generation < snap.restart_generation
+        if r.pool == snap.name
+        and not r.stopping
+        and (r.generation < snap.restart_generation or (r.pid and snap.drains.get(r.id) == r.pid))
     ]
+
+
+async def _forget_drains(sup: Supervisor, snap: PoolSnapshot) -> None:
+    """Drop drain requests for a process of ours that is gone (exited, or replaced in its slot)."""
+    for rid, pid in snap.drains.items():
+        ours = next((r for r in sup.replicas.values() if r.pool == snap.name and r.id == rid), None)
+        if ours is not None and ours.pid != pid and not (ours.stopping and ours.alive):
+            await sup.fleet.drained(snap.name, rid)
 
 
 async def advance(sup: Supervisor, snap: PoolSnapshot) -> None:
     """Begin, progress or finish this supervisor's restart step for one pool."""
+    if snap.drains:
+        await _forget_drains(sup, snap)
     step = sup.restarts.get(snap.name)
     if step is None:
         await _begin(sup, snap)
     elif not step.retired:
         await _retire_old(sup, snap, step)
     elif not step.old.alive:
+        if step.old.proc is not None and snap.drains.get(step.old.id) == step.old.pid:
+            await sup.fleet.drained(snap.name, step.old.id)
         await _finish(sup, snap.name, "done")
 
 

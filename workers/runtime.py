@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -29,12 +30,13 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from agentpool.broker import topology
 from agentpool.broker.amqp import Amqp
 from agentpool.broker.client import MEMBERSHIP_REFRESH_S
+from agentpool.broker.history import Recorder
 from agentpool.broker.redis_conn import REDIS_ERRORS, connect
 from agentpool.broker.registry import HEARTBEAT_INTERVAL_S, Registry, ReplicaInfo
 from agentpool.broker.streams import ReplyStore
 from agentpool.shared.config import Config
 from agentpool.shared.errors import ConfigError, ProviderError
-from agentpool.shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request
+from agentpool.shared.messages import REQUEST_DECODER, WIRE_VERSION, Error, Request, Usage
 from agentpool.shared.names import Names, replica_id
 from agentpool.shared.settings import Settings
 from agentpool.shared.tasks import cancel_and_wait
@@ -53,6 +55,7 @@ DRAIN_TIMEOUT_S = 30.0
 REDIS_RETRY_DELAY_S = 1.0
 CANCEL_POLL_S = 0.5  # how often requests in flight (a long tool call writes nothing) look for a cancel
 REBUILD_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # an unreachable MCP server: try again, this often
+RECENT_LATENCIES = 256  # the p50 a heartbeat reports is over this many latest requests
 QUEUE_EMPTY_POLL_S = 0.1  # draining: how often to look whether the replica queue has emptied
 QUEUE_EMPTY_MARGIN_S = 2.0  # ... for at most rescue_after_s (its messages' TTL) and this much more,
 QUEUE_EMPTY_MAX_WAIT_S = 10.0  # but never longer (a long TTL: the queue is left to x-expires)
@@ -79,6 +82,7 @@ class Worker:
         self.redis = connect(settings.redis_url)
         self.store = ReplyStore(self.redis, self.names)
         self.registry = Registry(self.redis, self.names)
+        self.history = Recorder(self.redis, self.names)  # the dashboard's charts (broker/history.py)
         self.provider = build_provider(self.provider_config, self.agent_type)
         self.info = ReplicaInfo(
             id=self.replica_id,
@@ -100,6 +104,7 @@ class Worker:
         self._watched: dict[str, tuple[float, Callable[[], None]]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._latency_sum_ms = 0.0
+        self._recent_ms: deque[float] = deque(maxlen=RECENT_LATENCIES)  # for the p50 in heartbeats
         self.ready = asyncio.Event()
         self.metrics = ReplicaMetrics(pool, deployment, self.provider_config.kind, self.agent_type.model)
         self.on_outcome: Callable[[Outcome], None] | None = self.metrics.outcome  # metrics hook
@@ -317,6 +322,8 @@ class Worker:
             await self.agent.aclose()
         await self.provider.aclose()
         await self.amqp.aclose()
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.history.flush()  # the last requests still count in the charts
         await self.redis.aclose()
 
     # --- heartbeats
@@ -324,7 +331,10 @@ class Worker:
         self.info.in_flight = len(self._tasks)
         if self.info.processed:
             self.info.avg_latency_ms = round(self._latency_sum_ms / self.info.processed, 3)
+        if self._recent_ms:
+            self.info.p50_latency_ms = round(sorted(self._recent_ms)[len(self._recent_ms) // 2], 3)
         await self.registry.beat(self.info)
+        await self.history.flush()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -441,6 +451,10 @@ class Worker:
         if outcome.kind in ("end", "error", "interrupt"):
             self.info.processed += 1
             self._latency_sum_ms += outcome.latency_ms
+            self._recent_ms.append(outcome.latency_ms)
+            usage = outcome.extra.get("usage")
+            tokens = usage.input_tokens + usage.output_tokens if isinstance(usage, Usage) else 0
+            self.history.ended(self.pool_name, outcome.latency_ms, outcome.kind == "error", tokens)
         if outcome.kind == "error":
             self.info.errors += 1
         if self.on_outcome is not None:

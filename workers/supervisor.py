@@ -185,7 +185,7 @@ class Supervisor:
                 log.warning("fleet channel lost (%s); polling meanwhile", e)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(1.0)
 
     async def _renew_loop(self) -> None:
@@ -234,7 +234,7 @@ class Supervisor:
             for dep in cfg.deployments:
                 want = snap.desired(dep.name) if pool in listed else 0  # an evicted tenant pool: none
                 await self._deployment(snap, dep.name, want, peers.get(pool, 1))
-            if snap.restart_generation or pool in self.restarts:
+            if snap.restart_generation or snap.drains or pool in self.restarts:
                 await rolling.advance(self, snap)
         await self._reap()
 
