@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from agentpool.broker.fleet import Health, PoolStatus
-from agentpool.gateway import admin
+from agentpool.gateway import admin, dashboard
 from agentpool.gateway import anthropic_compat as an
 from agentpool.gateway import openai_compat as oa
 from agentpool.gateway import schemas as s
@@ -48,6 +48,7 @@ _TYPES = [
     admin.PoolSummary,
     PoolStatus,
     Health,
+    dashboard.FleetView,
 ]  # m.*: SSE event data
 _EVENTS = ("start", "chunk", "restart", "tool_call", "tool_result", "step", "end", "interrupt", "error")
 _EVENT_TYPES = ("Start", "Chunk", "Restart", "ToolCall", "ToolResult", "Step", "End", "Interrupt", "Error")
@@ -504,6 +505,33 @@ def _fleet_paths() -> dict[str, Any]:
     restart["parameters"] = [pool]
     one = op("getPool", "The pool and each of its replicas", "200", _ref("PoolStatus"), 404)
     one["parameters"] = [pool]
+    drained = {
+        "type": "object",
+        "required": ["pool", "agent_id", "pid", "draining"],
+        "properties": {"pool": _STR, "agent_id": _STR, "pid": _INT, "draining": {"type": "boolean"}},
+    }
+    drain = op(
+        "drainAgent", "Replace one agent: a new one starts, then this one drains", "202", drained, 404, 409
+    )
+    drain["parameters"] = [pool, {"name": "agent_id", "in": "path", "required": True, "schema": _STR}]
+    fleet = op(
+        "fleet", "The dashboard's view: pools, agents, totals, 15 min of history", "200", _ref("FleetView")
+    )
+    fleet["description"] = (
+        "Any valid key: ask-only keys read their tenant's pools; `fleet` keys every tenant's."
+    )
+    events = {
+        "operationId": "fleetEvents",
+        "summary": "The dashboard's view as SSE: a `fleet` event each second (history: newest buckets only)",
+        "responses": {
+            "200": {
+                "description": "An endless stream of `fleet` events (data: FleetView), and `unavailable` "
+                "events while Redis is away",
+                "content": {"text/event-stream": {"schema": _STR}},
+            },
+            **_errors(401, 403, 503),
+        },
+    }
     return {
         "/v1/pools": {
             "get": op("listPools", "The tenant's pools: status, desired vs actual", "200", pools_list)
@@ -511,6 +539,9 @@ def _fleet_paths() -> dict[str, Any]:
         "/v1/pools/{pool}": {"get": one},
         "/v1/pools/{pool}/deployments/{deployment}": {"put": scale},
         "/v1/pools/{pool}/restart": {"post": restart},
+        "/v1/pools/{pool}/agents/{agent_id}/drain": {"post": drain},
+        "/v1/fleet": {"get": fleet},
+        "/v1/fleet/events": {"get": events},
         "/v1/health": {"get": op("health", "Fleet health of the tenant's pools", "200", _ref("Health"))},
     }
 

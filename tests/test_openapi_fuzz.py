@@ -48,6 +48,7 @@ CHECKS = [
 def _fuzzable(doc: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(doc)
     doc["components"]["schemas"]["AskBody"]["properties"].pop("webhook_url")
+    doc["paths"].pop("/v1/fleet/events")  # endless by design: each call would wait out its timeout
     for body in ("ChatCompletionBody", "MessagesBody"):  # model names the pool: the real one, mostly
         doc["components"]["schemas"][body]["properties"]["model"] = {"enum": ["pa", "nope"]}
     return doc

@@ -463,6 +463,7 @@ function updateAgent(r, a, canAct) {
   r.statusText.className = `s-${a.status}`;
   setText(r.why, a.status === "unhealthy" || a.detail ? a.detail : "");
   r.tr.dataset.status = a.status;
+  r.tr.dataset.pid = String(a.pid);
   const values = [a.in_flight, a.depth, fmtNum(a.processed), fmtNum(a.errors), fmtMs(a.p50_latency_ms), fmtMs(a.build_ms)];
   values.forEach((v, i) => setText(r.nums[i], v));
   setText(r.started, fmtTime(a.started_at));
@@ -482,6 +483,7 @@ function drawChart(c, points, values, fmt, view) {
       if (v > max) max = v;
     });
   }
+  for (const s of series) if (s.length === 1) s.unshift([s[0][0] - bucket, s[0][1]]); // one point: a short line
   const scale = max > 0 ? max : 1;
   const toPoints = (s) => s.map(([t, v]) => `${(((t - start) / (end - start)) * 300).toFixed(1)},${(62 - (v / scale) * 58).toFixed(1)}`).join(" ");
   const a = toPoints(series[0]), b = toPoints(series[1]);
