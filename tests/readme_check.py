@@ -169,7 +169,9 @@ def _keys(value: object) -> Iterator[str]:
             yield from _keys(v)
 
 
-_TOKEN = re.compile(r"…|[0-9a-f]*\d[0-9a-f]*|\s+")
+# An HTTP date's weekday and month vary like its numbers: `date: Thu, 03 Dec 2026 09:32:18 GMT`
+_DAY = r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun|Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)\b"
+_TOKEN = re.compile(rf"…|{_DAY}|[0-9a-f]*\d[0-9a-f]*|\s+")
 
 
 def _pattern(shown: str) -> re.Pattern[str]:
@@ -177,7 +179,14 @@ def _pattern(shown: str) -> re.Pattern[str]:
     for m in _TOKEN.finditer(shown.rstrip()):
         out.append(re.escape(shown[last : m.start()]))
         tok = m.group(0)
-        out.append(r".*" if tok == "…" else r"\s+" if tok.isspace() else r"[0-9a-f.]+")
+        if tok == "…":
+            out.append(r".*")
+        elif tok.isspace():
+            out.append(r"\s+")
+        elif tok.isalpha():
+            out.append(_DAY)
+        else:
+            out.append(r"[0-9a-f.]+")
         last = m.end()
     out.append(re.escape(shown.rstrip()[last:]))
     return re.compile("".join(out))

@@ -112,6 +112,11 @@ async def test_operator_signs_in_scales_restarts_and_asks(
         assert await page.evaluate("localStorage.length") == 0
         await page.evaluate("window.__sameDocument = true")  # gone if the page reloads
 
+        # When it asks for more agents than a deployment may have, the API's refusal is shown
+        await page.get_by_label("Desired agents of support / customer-support").fill("65")
+        await page.get_by_role("button", name="Scale support / customer-support").click()
+        await expect(page.get_by_role("alert")).to_contain_text("VALIDATION_ERROR")
+
         # When it scales the deployment to 5
         await page.get_by_label("Desired agents of support / customer-support").fill("5")
         await page.get_by_role("button", name="Scale support / customer-support").click()
@@ -147,6 +152,18 @@ async def test_operator_signs_in_scales_restarts_and_asks(
             assert time.monotonic() < deadline, "the restart did not replace every agent"
             await asyncio.sleep(0.25)
         assert await page.evaluate("window.__sameDocument") is True
+
+        # When it drains one agent, a replacement takes its place and the pool stays at 5
+        after_restart = await ready_pids(page, "support")
+        victim = agents(page, "support").first
+        victim_pid = await victim.get_attribute("data-pid")
+        await victim.get_by_role("button", name=re.compile("Drain")).click()
+        await expect(page.locator("#notice")).to_contain_text("Draining")
+        deadline = time.monotonic() + 60
+        while (now := await ready_pids(page, "support")) == after_restart or len(now) != 5:
+            assert time.monotonic() < deadline, "the drained agent was not replaced"
+            await asyncio.sleep(0.25)
+        assert victim_pid not in now and len(now & after_restart) == 4
 
         # When it sends a message in the playground
         await page.get_by_role("button", name="Playground").click()

@@ -186,6 +186,8 @@ def test_shapes() -> None:
     )
     assert not line_matches("support-1  ready", "support-1  unhealthy")
     assert line_matches("key: ap_ed68…", "key: ap_0f3e_abcdef")
+    assert line_matches("date: Thu, 03 Dec 2026 09:32:18 GMT", "date: Fri, 04 Jan 2027 18:47:49 GMT")
+    assert not line_matches("status: Thu", "status: Thursday")
     assert mismatch(["a 1", "...", "c 3"], "a 2\nb\nc 4") is None
     assert mismatch(["c 3", "a 1"], "a 2\nc 4") is not None
     assert mismatch(["c 3", "a 1"], "a 2\nc 4", ordered=False) is None

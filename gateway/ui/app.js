@@ -432,7 +432,7 @@ function deploymentRow(pool, d) {
     "aria-label": `Desired agents of ${pool} / ${d.name}`, class: "replicas" });
   input.addEventListener("input", () => { input.dataset.dirty = "1"; });
   const apply = el("button", { type: "submit", class: "apply", text: "Scale", "aria-label": `Scale ${pool} / ${d.name}` });
-  const scale = el("form", { class: "scale" }, input, apply);
+  const scale = el("form", { class: "scale", novalidate: true }, input, apply); // the API's own errors
   scale.addEventListener("submit", (e) => {
     e.preventDefault();
     scaleDeployment(pool, d.name, input);
