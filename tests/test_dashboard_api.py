@@ -147,6 +147,33 @@ async def test_fleet_history_counts_rate_limit_refusals(make_system) -> None:
     assert requests_in(points, view["at"]) == 1
 
 
+async def test_every_gateway_draws_the_same_history(make_system) -> None:
+    # Given two gateways in front of one pool
+    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
+    _, key = await make_key(system, "ta", "ask", rpm=3)
+    async with (
+        running_gateway(system.settings, system.config) as url_a,
+        running_gateway(system.settings, system.config) as url_b,
+        httpx.AsyncClient(base_url=url_a, timeout=20) as a,
+        httpx.AsyncClient(base_url=url_b, timeout=20) as b,
+    ):
+        # When one answers 3 requests and refuses a 4th (429), and the other refuses a 5th
+        for i in range(3):
+            assert (await a.post("/v1/ask/pa", json={"content": f"q{i}"}, headers=h(key))).status_code == 200
+        assert (await a.post("/v1/ask/pa", json={"content": "q3"}, headers=h(key))).status_code == 429
+        assert (await b.post("/v1/ask/pa", json={"content": "q4"}, headers=h(key))).status_code == 429
+
+        # Then both show the same counts: they read what every process wrote to Redis
+        def counts(view: dict[str, Any]) -> tuple[int, int]:
+            points = view["history"]["pa"]
+            return requests_in(points, view["at"]), sum(p[R429] for p in points)
+
+        async def both() -> bool:
+            return counts(await fleet_view(a, key)) == counts(await fleet_view(b, key)) == (3, 2)
+
+        await wait_until(both, 10, "3 answers and 2 refusals in both gateways' history")
+
+
 # --- who sees what
 
 

@@ -210,8 +210,8 @@ async def watch_streaming(page: Page) -> None:
 async def test_ask_only_key_reads_its_tenant_and_a_wrong_key_is_told(
     make_system, required: Settings, browser: Browser
 ) -> None:
-    # Given pools of two tenants and an ask-only key of the first
-    system: System = await make_system(config=tenant_config())
+    # Given pools of two tenants (the first's pt with an agent that has a tool), an ask-only key of the first
+    system: System = await make_system(config=tenant_config(extra=TOOL_POOL))
     _, asker = await make_key(system, "ta", "ask")
     async with running_gateway(required, system.config) as url:
         page = await open_page(browser, url)
@@ -228,8 +228,9 @@ async def test_ask_only_key_reads_its_tenant_and_a_wrong_key_is_told(
         await page.keyboard.press("Enter")
         # Then it sees its tenant's pool and its agent, and no control that acts
         await expect(agents(page, "pa")).to_have_count(1)
-        await expect(page.locator("section[data-pool]")).to_have_count(1)  # not tenant tb's pool
-        await expect(page.get_by_text("read-only")).to_be_visible()
+        await expect(page.locator("section[data-pool]")).to_have_count(2)  # pa and pt: not tenant tb's pb
+        await expect(page.locator('section[data-pool="pb"]')).to_have_count(0)
+        await expect(page.get_by_text("read-only")).to_have_count(2)
         for name in ("Scale", "Rolling restart", "Drain"):
             await expect(page.get_by_role("button", name=re.compile(name))).to_have_count(0)
         await expect(page.locator("#who")).to_contain_text("tenant ta")
@@ -237,8 +238,22 @@ async def test_ask_only_key_reads_its_tenant_and_a_wrong_key_is_told(
         await page.set_viewport_size({"width": 390, "height": 844})
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
-        # And a bad message from the playground shows the API's error, not a blank page
+        # And the playground shows an agent's tool steps as they happen
         await page.get_by_role("button", name="Playground").click()
+        await page.get_by_label("Pool", exact=True).select_option("pt")
+        await page.get_by_label("Message", exact=True).fill('Where is A-1? @lookup_order {"order_id": "A-1"}')
+        await page.get_by_role("button", name="Send").click()
+        answer = page.locator("li.answer").last
+        await expect(answer).to_have_attribute("data-state", "done")
+        await expect(answer.locator(".steps li")).to_have_text(
+            [
+                re.compile(r'^tool lookup_order\(\{"order_id":"A-1"\}\)$'),
+                re.compile(r"^result of lookup_order: .*shipped"),
+            ]
+        )
+        await expect(answer.locator(".meta")).to_contain_text("agent pt-main-1")
+
+        # And a bad message from the playground shows the API's error, not a blank page
         await page.get_by_label("Message", exact=True).fill("x" * 40_000)
         await page.get_by_role("button", name="Send").click()
         await expect(page.get_by_role("alert")).to_contain_text("VALIDATION_ERROR")
@@ -246,6 +261,21 @@ async def test_ask_only_key_reads_its_tenant_and_a_wrong_key_is_told(
         assert page.errors == []  # type: ignore[attr-defined]
         await page.context.close()
 
+
+TOOL_POOL = """
+[agent_types.tooled]
+system_prompt = "You look orders up."
+provider = "fake"
+tools = ["tests.agents_support:lookup_order"]
+
+[pools.pt]
+tenant = "ta"
+
+[[pools.pt.deployments]]
+name = "main"
+agent_type = "tooled"
+replicas = 1
+"""
 
 CPU_TICKS = os.sysconf("SC_CLK_TCK")
 
