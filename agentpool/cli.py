@@ -352,7 +352,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     key_id, key = asyncio.run(keys_cmd.dev_key(settings))
     print(keys_cmd.auth_banner(settings), flush=True)
     print(
-        f"dev API key (tenant default, scopes ask+admin; this instance's, revoked when it stops):\n"
+        f"dev API key (tenant default, scopes ask+admin+fleet; this instance's, revoked when it stops):\n"
         f"  curl -s {host}:{port}/v1/keys -H 'X-API-Key: {key}'",
         flush=True,
     )

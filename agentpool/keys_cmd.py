@@ -108,11 +108,13 @@ async def _revoke(settings: Any, config: Any, args: argparse.Namespace) -> int:
 
 
 async def dev_key(settings: Any) -> tuple[str, str]:
-    """A fresh key for tenant default with both scopes -> ``(key id, key)``; this instance's own.
+    """A fresh key for tenant default with every scope -> ``(key id, key)``; this instance's own.
 
     Another ``agentpool dev`` in the namespace keeps its key: each revokes its own when it stops.
     """
-    info, key = await _with_store(settings, lambda s: s.create("default", ["ask", "admin"], dev=True))
+    info, key = await _with_store(
+        settings, lambda s: s.create("default", ["ask", "admin", "fleet"], dev=True)
+    )
     return info.id, str(key)
 
 
