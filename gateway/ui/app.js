@@ -388,43 +388,42 @@ function updatePool(parts, pool, view) {
   parts.status.className = `badge s-${pool.status}`;
   setText(parts.meta, `tenant ${pool.tenant} · ${fmtNum(pool.requests)} requests · concurrency ${pool.concurrency}, max depth ${pool.max_depth}`);
   parts.restart.hidden = !canAct;
-  // deployments
-  const deps = new Set();
-  for (const d of pool.deployments) {
-    deps.add(d.name);
-    let r = parts.deps.get(d.name);
-    if (!r) {
-      r = deploymentRow(pool.pool, d);
-      parts.deps.set(d.name, r);
-      parts.depBody.append(r.tr);
-    }
+  syncRows(parts.deps, parts.depBody, pool.deployments, (d) => d.name, (d) => deploymentRow(pool.pool, d), (r, d) => {
     setText(r.agentType, d.agent_type);
     setText(r.ready, `${d.ready} / ${d.desired}` + (d.starting ? ` (+${d.starting} starting)` : "") +
       (d.draining ? ` (${d.draining} draining)` : "") + (d.unhealthy ? ` (${d.unhealthy} unhealthy)` : ""));
     setText(r.weight, d.weight);
     setText(r.share, `${fmtNum(d.share * 100, 1)} %`);
     r.scale.hidden = !canAct;
-    if (!canAct) setText(r.readOnly, "read-only");
-    else setText(r.readOnly, "");
+    setText(r.readOnly, canAct ? "" : "read-only");
     if (document.activeElement !== r.input && r.input.dataset.dirty !== "1") r.input.value = d.configured;
-  }
-  for (const [name, r] of parts.deps) if (!deps.has(name)) { r.tr.remove(); parts.deps.delete(name); }
-  // agents
-  const ids = new Set();
-  for (const a of pool.agents) {
-    ids.add(a.id);
-    let r = parts.agents.get(a.id);
-    if (!r) {
-      r = agentRow(pool.pool, a);
-      parts.agents.set(a.id, r);
-      parts.agentBody.append(r.tr);
-    }
-    updateAgent(r, a, canAct);
-  }
-  for (const [id, r] of parts.agents) if (!ids.has(id)) { r.tr.remove(); parts.agents.delete(id); }
+  });
+  syncRows(parts.agents, parts.agentBody, pool.agents, (a) => a.id, (a) => agentRow(pool.pool, a), (r, a) => updateAgent(r, a, canAct));
   // charts
   const points = [...(state.history.get(pool.pool) || new Map()).values()].sort((x, y) => x[0] - y[0]);
   for (const [key, , values, fmt] of CHARTS) drawChart(parts.charts[key], points, values, fmt, view);
+}
+
+// Rows keyed by id: made once, updated in place (focus and typing survive updates), removed when gone.
+function syncRows(rows, body, items, keyOf, make, update) {
+  const seen = new Set();
+  for (const item of items) {
+    const key = keyOf(item);
+    seen.add(key);
+    let r = rows.get(key);
+    if (!r) {
+      r = make(item);
+      rows.set(key, r);
+      body.append(r.tr);
+    }
+    update(r, item);
+  }
+  for (const [key, r] of rows) {
+    if (!seen.has(key)) {
+      r.tr.remove();
+      rows.delete(key);
+    }
+  }
 }
 
 function deploymentRow(pool, d) {
