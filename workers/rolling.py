@@ -2,10 +2,9 @@
 
 ``POST /v1/pools/{pool}/restart`` bumps ``restart:{pool}``; ``POST /v1/pools/{pool}/agents/{id}/drain``
 marks one replica (by pid, in ``drain:{pool}``) to be replaced the same way. A supervisor holding a
-stale replica
-takes the pool's restart lock (one step at a time across every supervisor), starts a replacement
-in an extra slot (desired + 1, so capacity never drops below desired), waits until it is ready,
-then retires the stale replica (drain) and releases the lock once it has exited.
+stale replica takes the pool's restart lock (one step at a time across every supervisor), starts a
+replacement in an extra slot (desired + 1, so capacity never drops below desired), waits until it
+is ready, then retires the stale replica (drain) and releases the lock once it has exited.
 """
 
 from __future__ import annotations
