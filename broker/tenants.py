@@ -61,6 +61,12 @@ def tenant_pool(template: str, tenant: str) -> str:
     return f"{template}{SEP}{tenant}"
 
 
+def runs_in(name: str, pool: Pool, tenant: str) -> str:
+    """The pool a request of ``tenant`` to pool ``name`` runs in: its own ``{name}--{tenant}`` when
+    ``name`` is a per-tenant template, else ``name`` itself."""
+    return tenant_pool(name, tenant) if pool.per_tenant else name
+
+
 def split(name: str) -> tuple[str, str] | None:
     """``(template, tenant)`` for a per-tenant pool name, else None."""
     template, sep, tenant = name.partition(SEP)

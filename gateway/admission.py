@@ -82,7 +82,7 @@ async def rate_limit(request: Request, principal: Principal, name: str, pool: Po
     headers = verdict.headers() if verdict is not None else {}
     request.state.rate_headers = headers  # the error handler adds them to error answers too
     if verdict is not None and not verdict.allowed:
-        client.history.refused(tenants.tenant_pool(name, principal.tenant) if pool.per_tenant else name, 429)
+        client.history.refused(tenants.runs_in(name, pool, principal.tenant), 429)
         raise RateLimited(
             f"rate limit of {verdict.limit} requests per minute exceeded",
             retry_after_s=verdict.retry_after_s,

@@ -125,13 +125,16 @@ class Authenticator:
         return match
 
 
-async def require(request: Request, scope: str) -> Principal:
-    """The caller, who must hold ``scope`` (403 otherwise); kept on ``request.state.principal``."""
+async def require(request: Request, *scopes: str) -> Principal:
+    """The caller, who must hold one of ``scopes`` (403 otherwise); kept on ``request.state.principal``."""
     auth: Authenticator = request.app.state.auth
     principal = await auth.authenticate(request.headers)
     request.state.principal = principal
-    if scope not in principal.scopes:
-        raise Forbidden(f"this API key lacks the {scope!r} scope", details={"required_scope": scope})
+    if principal.scopes.isdisjoint(scopes):
+        needed = " or ".join(repr(s) for s in scopes)
+        raise Forbidden(
+            f"this API key lacks the {needed} scope", details={"required_scope": " or ".join(scopes)}
+        )
     return principal
 
 

@@ -33,10 +33,10 @@ from agentpool.broker.fleet import DeploymentStatus, Fleet, ReplicaView
 from agentpool.broker.history import BUCKET_S, WINDOW_S, Point
 from agentpool.broker.redis_conn import REDIS_ERRORS, translated
 from agentpool.gateway.admin import fleet_wide, visible_pools
-from agentpool.gateway.auth import Principal
+from agentpool.gateway.auth import Principal, require
 from agentpool.gateway.http import JSON
 from agentpool.gateway.sse import SSE_HEADERS
-from agentpool.shared.errors import Forbidden, NotFound
+from agentpool.shared.errors import NotFound
 
 UPDATE_S = 1.0  # a dashboard gets a fresh view this often
 VIEW_TTL_S = 0.5  # views younger than this are shared between the dashboards of one process
@@ -100,15 +100,6 @@ class FleetView(msgspec.Struct, kw_only=True):
     history: dict[str, list[Point]]
     bucket_s: int = BUCKET_S
     window_s: int = WINDOW_S
-
-
-async def viewer(request: Request) -> Principal:
-    """Any valid key (or the anonymous caller of an open gateway) that holds ask or admin."""
-    principal: Principal = await request.app.state.auth.authenticate(request.headers)
-    request.state.principal = principal
-    if not principal.scopes & {"ask", "admin"}:
-        raise Forbidden("this API key holds neither the 'ask' nor the 'admin' scope")
-    return principal
 
 
 def _viewer(request: Request, p: Principal) -> Viewer:
@@ -205,7 +196,7 @@ async def _view(request: Request, principal: Principal, full_history: bool) -> F
 
 async def fleet(request: Request) -> Response:
     """The caller's fleet now, with the last 15 minutes of history per pool."""
-    principal = await viewer(request)
+    principal = await require(request, "ask", "admin")  # any key that reads pools
     with translated(request.app.state.client.settings.redis_url):
         return JSON(await _view(request, principal, full_history=True), headers={"Cache-Control": "no-store"})
 
@@ -217,7 +208,7 @@ async def events(request: Request) -> Response:
     """``fleet`` events, one per ``UPDATE_S``: the first with the whole window's history, then only
     the newest buckets (the page merges them by time). While Redis is away, ``unavailable``
     events say so and the stream goes on; it ends when the gateway stops."""
-    principal = await viewer(request)
+    principal = await require(request, "ask", "admin")  # any key that reads pools
     with translated(request.app.state.client.settings.redis_url):
         first = await _view(request, principal, full_history=True)
     return StreamingResponse(

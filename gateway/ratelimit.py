@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aredis
 
+from agentpool.broker import tenants
 from agentpool.broker.redis_conn import translated
 from agentpool.gateway.auth import Principal
 from agentpool.shared.config import Config, Pool
@@ -87,7 +88,7 @@ def limits_for(
         if rpm > 0:
             out.append((names.rate("key", principal.key_id), rpm))
     if pool.rate_limit is not None and pool.rate_limit.requests_per_minute > 0:
-        ident = f"{pool_name}--{principal.tenant}" if pool.per_tenant else pool_name
+        ident = tenants.runs_in(pool_name, pool, principal.tenant)
         out.append((names.rate("pool", ident), pool.rate_limit.requests_per_minute))
     return out
 
