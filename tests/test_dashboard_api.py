@@ -4,6 +4,7 @@ draining one agent (a real supervisor replaces it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -60,6 +61,23 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
             data.append(line[5:].lstrip())
 
 
+async def pool_pa(make_system: Any, rpm: int | None = None) -> tuple[System, str]:
+    """Pool pa of tenant ta (one fake replica) and an ask key of ta."""
+    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
+    _, key = await make_key(system, "ta", "ask", rpm=rpm)
+    return system, key
+
+
+@contextlib.asynccontextmanager
+async def gateway(system: System) -> AsyncIterator[httpx.AsyncClient]:
+    """The real gateway on ``system`` and an HTTP client on it."""
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as http,
+    ):
+        yield http
+
+
 async def raw_get(url: str, target: str) -> tuple[int, bytes]:
     """GET ``target`` exactly as written (httpx would resolve ``..`` before sending): status, body."""
     host, port = url.removeprefix("http://").split(":")
@@ -79,12 +97,8 @@ async def raw_get(url: str, target: str) -> tuple[int, bytes]:
 
 async def test_fleet_history_counts_the_answered_requests(make_system) -> None:
     # Given a pool of one fake replica behind the gateway
-    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
-    _, key = await make_key(system, "ta", "ask")
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
-    ):
+    system, key = await pool_pa(make_system)
+    async with gateway(system) as http:
         # When 5 requests are answered
         for i in range(5):
             r = await http.post("/v1/ask/pa", json={"content": f"hello {i}"}, headers=h(key))
@@ -121,12 +135,8 @@ async def test_fleet_history_counts_the_answered_requests(make_system) -> None:
 
 async def test_fleet_history_counts_rate_limit_refusals(make_system) -> None:
     # Given a key allowed one request per minute
-    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
-    _, key = await make_key(system, "ta", "ask", rpm=1)
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
-    ):
+    system, key = await pool_pa(make_system, rpm=1)
+    async with gateway(system) as http:
         # When it asks twice
         first = await http.post("/v1/ask/pa", json={"content": "one"}, headers=h(key))
         second = await http.post("/v1/ask/pa", json={"content": "two"}, headers=h(key))
@@ -149,14 +159,8 @@ async def test_fleet_history_counts_rate_limit_refusals(make_system) -> None:
 
 async def test_every_gateway_draws_the_same_history(make_system) -> None:
     # Given two gateways in front of one pool
-    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
-    _, key = await make_key(system, "ta", "ask", rpm=3)
-    async with (
-        running_gateway(system.settings, system.config) as url_a,
-        running_gateway(system.settings, system.config) as url_b,
-        httpx.AsyncClient(base_url=url_a, timeout=20) as a,
-        httpx.AsyncClient(base_url=url_b, timeout=20) as b,
-    ):
+    system, key = await pool_pa(make_system, rpm=3)
+    async with gateway(system) as a, gateway(system) as b:
         # When one answers 3 requests and refuses a 4th (429), and the other refuses a 5th
         for i in range(3):
             assert (await a.post("/v1/ask/pa", json={"content": f"q{i}"}, headers=h(key))).status_code == 200
@@ -184,10 +188,7 @@ async def test_fleet_view_and_admin_api_are_scoped_by_tenant_unless_fleet(make_s
     _, adm = await make_key(system, "ta", "admin")
     fleet_id, ops = await make_key(system, "ta", "admin", "fleet")
     _, fleet_only = await make_key(system, "ta", "fleet")
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
-    ):
+    async with gateway(system) as http:
         # Then an ask-only key sees its tenant's pool, read-only
         view = await fleet_view(http, ask)
         assert [p["pool"] for p in view["pools"]] == ["pa"] and list(view["history"]) == ["pa"]
@@ -245,11 +246,9 @@ async def test_fleet_view_and_admin_api_are_scoped_by_tenant_unless_fleet(make_s
 
 async def test_fleet_events_stream_a_full_view_then_updates(make_system) -> None:
     # Given a gateway and a key
-    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
-    _, key = await make_key(system, "ta", "ask")
+    system, key = await pool_pa(make_system)
     async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
+        gateway(system) as http,
         http.stream("GET", "/v1/fleet/events", headers=h(key)) as response,
     ):
         # When the dashboard opens the stream
@@ -280,8 +279,7 @@ async def test_fleet_events_stream_a_full_view_then_updates(make_system) -> None
 
 async def test_stopping_the_gateway_ends_fleet_streams_at_once(make_system) -> None:
     # Given a dashboard reading the stream
-    system: System = await make_system(config=tenant_config(pools={"pa": "ta"}))
-    _, key = await make_key(system, "ta", "ask")
+    system, key = await pool_pa(make_system)
     kinds: list[str] = []
 
     async def read_all(url: str) -> None:
@@ -318,10 +316,7 @@ ASSETS = [
 @pytest.mark.parametrize(("path", "kind"), ASSETS)
 async def test_ui_files_are_served_with_a_strict_csp_and_an_etag(make_system, path: str, kind: str) -> None:
     system: System = await make_system(config=tenant_config(pools={"pa": "ta"}), start=False)
-    async with (
-        running_gateway(system.settings, system.config) as url,
-        httpx.AsyncClient(base_url=url, timeout=20) as http,
-    ):
+    async with gateway(system) as http:
         # When the browser loads the file (no key: the page signs in afterwards)
         r = await http.get(path)
         # Then it comes from the gateway itself, under a CSP that allows nothing else

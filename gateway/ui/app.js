@@ -7,7 +7,6 @@ const KEY_ITEM = "agentpool.key";
 const $ = (id) => document.getElementById(id);
 const state = {
   key: sessionStorage.getItem(KEY_ITEM) || "",
-  view: null, // the newest fleet view
   history: new Map(), // pool -> Map(t -> point)
   stream: null, // AbortController of the fleet stream
   retryMs: 1000,
@@ -178,7 +177,6 @@ async function signIn(event) {
 function signOut() {
   sessionStorage.removeItem(KEY_ITEM);
   state.key = "";
-  state.view = null;
   state.history.clear();
   for (const parts of state.pools.values()) parts.card.remove();
   state.pools.clear();
@@ -203,7 +201,7 @@ async function start() {
       res = await fetch("/v1/fleet/events", { headers: headers({ Accept: "text/event-stream" }), signal: ctl.signal });
     } catch (e) {
       if (ctl.signal.aborted) return;
-      await reconnect(ctl, `gateway unreachable (${e.message})`);
+      await reconnect(`gateway unreachable (${e.message})`);
       continue;
     }
     if (res.status === 401 || res.status === 403) {
@@ -220,7 +218,7 @@ async function start() {
     }
     if (!res.ok) {
       const err = await failure(res);
-      await reconnect(ctl, err.describe());
+      await reconnect(err.describe());
       continue;
     }
     state.retryMs = 1000;
@@ -233,7 +231,7 @@ async function start() {
     } catch (e) {
       if (ctl.signal.aborted) return;
     }
-    if (state.stream === ctl) await reconnect(ctl, "connection lost; reconnecting");
+    if (state.stream === ctl) await reconnect("connection lost; reconnecting");
   }
 }
 
@@ -242,14 +240,13 @@ function setConn(text, down = false) {
   $("conn").classList.toggle("down", down);
 }
 
-async function reconnect(ctl, why) {
+async function reconnect(why) {
   setConn(why, true);
   await new Promise((r) => setTimeout(r, state.retryMs));
   state.retryMs = Math.min(state.retryMs * 2, 8000);
 }
 
 function onView(view) {
-  state.view = view;
   state.updates += 1;
   document.body.dataset.updates = String(state.updates);
   const v = view.viewer;
