@@ -391,7 +391,6 @@ def _wait(settings: Settings, config: Config, pools: list[str], timeout_s: float
 
 def _scale(settings: Settings, config: Config, pool: str, deployment: str, replicas: int) -> int:
     from agentpool.broker.fleet import Fleet
-    from agentpool.broker.leases import MAX_REPLICAS
     from agentpool.broker.redis_conn import connect
     from agentpool.broker.tenants import pool_config
     from agentpool.shared.names import Names
@@ -402,8 +401,9 @@ def _scale(settings: Settings, config: Config, pool: str, deployment: str, repli
     if cfg_pool is None or deployment not in {d.name for d in cfg_pool.deployments}:
         print(f"agentpool: no deployment {deployment!r} in pool {pool!r}", file=sys.stderr)
         return EXIT_CONFIG
-    if not 0 <= replicas <= MAX_REPLICAS:
-        print(f"agentpool: replicas must be 0..{MAX_REPLICAS}", file=sys.stderr)
+    cap = next(d.max_replicas for d in cfg_pool.deployments if d.name == deployment)
+    if not 0 <= replicas <= cap:
+        print(f"agentpool: replicas must be 0..{cap} (the deployment's max_replicas)", file=sys.stderr)
         return EXIT_CONFIG
 
     async def run() -> None:

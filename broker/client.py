@@ -316,11 +316,11 @@ class AgentPoolClient:
         self, req: Request, pool: Pool, track: bool, route_key: str | None = None
     ) -> tuple[str, str]:
         key = route_key or req.thread_id  # what stickiness follows: the thread, or a conversation
-        plan = self.router.plan(req.pool, pool, key)
+        plan = self.router.plan(req.pool, pool, key, req, req.run)
         if not plan and not self.router.members(req.pool):
             req.woke = True  # however it goes on, this request waits for its pool to come up
             await self.refresh_membership()  # a replica may have just come up
-            plan = self.router.plan(req.pool, pool, key)
+            plan = self.router.plan(req.pool, pool, key, req, req.run)
         headers = {"thread_id": req.thread_id, "tenant": req.tenant}
         full = False
         for replica, tier in plan:

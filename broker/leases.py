@@ -14,13 +14,14 @@ import os
 import secrets
 import socket
 
+from collections.abc import Callable
+
 import redis.asyncio as aredis
 
 from agentpool.shared.names import Names
 
 LEASE_TTL_MS = 3000  # a dead owner's slots are free after this long
-MAX_SLOTS = 128  # slot numbers a deployment may use (desired replicas are capped at half of it)
-MAX_REPLICAS = MAX_SLOTS // 2
+MAX_SLOTS = 128  # slot numbers a deployment may use by default (its max_replicas is half of it)
 RETIRING = "!"
 
 # KEYS: every slot key 1..MAX_SLOTS; ARGV: owner, limit, ttl_ms -> claimed slot number or 0.
@@ -75,6 +76,12 @@ return 0
 """
 
 
+def slot_count(max_replicas: int) -> int:
+    """Slot numbers for a deployment of at most ``max_replicas``: twice that (room for the replicas
+    draining while their replacements start), and never fewer than the default."""
+    return max(MAX_SLOTS, 2 * max_replicas)
+
+
 def new_owner_id(kind: str = "sup") -> str:
     """A unique owner id that also says where the owner runs (for status pages and debugging)."""
     return f"{kind}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -83,8 +90,16 @@ def new_owner_id(kind: str = "sup") -> str:
 class Leases:
     """Slot leases and named locks for one owner."""
 
-    def __init__(self, redis: aredis.Redis, names: Names, owner: str, ttl_ms: int = LEASE_TTL_MS) -> None:
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        names: Names,
+        owner: str,
+        ttl_ms: int = LEASE_TTL_MS,
+        slots: Callable[[str, str], int] | None = None,
+    ) -> None:
         self.redis = redis
+        self.slots = slots or (lambda pool, deployment: MAX_SLOTS)  # slot numbers of a deployment
         self.ns = names.ns
         self.owner = owner
         self.ttl_ms = ttl_ms
@@ -97,7 +112,7 @@ class Leases:
         return f"{self.ns}:lease:{pool}:{deployment}:{n}"
 
     def _slots(self, pool: str, deployment: str) -> list[str]:
-        return [self.key(pool, deployment, n) for n in range(1, MAX_SLOTS + 1)]
+        return [self.key(pool, deployment, n) for n in range(1, self.slots(pool, deployment) + 1)]
 
     async def claim(self, pool: str, deployment: str, limit: int) -> int | None:
         """The lowest free slot, if fewer than ``limit`` slots are active; else None."""
@@ -143,8 +158,16 @@ class Leases:
 class Peers:
     """Live supervisors per pool (a sorted set: owner -> expiry), so each claims a fair share."""
 
-    def __init__(self, redis: aredis.Redis, names: Names, owner: str, ttl_ms: int = LEASE_TTL_MS) -> None:
+    def __init__(
+        self,
+        redis: aredis.Redis,
+        names: Names,
+        owner: str,
+        ttl_ms: int = LEASE_TTL_MS,
+        slots: Callable[[str, str], int] | None = None,
+    ) -> None:
         self.redis = redis
+        self.slots = slots or (lambda pool, deployment: MAX_SLOTS)  # slot numbers of a deployment
         self.ns = names.ns
         self.owner = owner
         self.ttl_ms = ttl_ms

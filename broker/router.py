@@ -19,14 +19,26 @@ The broker's ``x-max-length`` stays the hard bound.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import logging
 import math
+import random
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
+
+import msgspec
 
 from agentpool.broker.registry import ReplicaInfo
 from agentpool.shared.config import Pool
+from agentpool.shared.errors import ConfigError
+from agentpool.shared.messages import Request
+from agentpool.workers.imports import import_object
+
+log = logging.getLogger("agentpool.router")
 
 _TWO_64 = float(2**64)
 BLIND_TRIES = 3  # replicas estimated full that are still offered to the broker
@@ -70,9 +82,12 @@ class Router:
     """Per-process routing state for all pools."""
 
     def __init__(self, strategy: str = "tiered") -> None:
-        self.strategy = strategy
+        self.strategy = strategy  # of the sticky strategy: tiered, or hash (no depth estimates)
         self._members: dict[str, list[ReplicaInfo]] = {}
         self._load: dict[str, _Load] = {}
+        self._turns: dict[str, int] = {}  # round_robin: the next turn per pool/deployment
+        self._rng = random.Random()
+        self._failed: set[str] = set()  # custom strategies that raised (logged once)
 
     def update(self, pool: str, replicas: list[ReplicaInfo]) -> None:
         self._members[pool] = [r for r in replicas if r.status == "ready"]
@@ -98,16 +113,36 @@ class Router:
             others = math.ceil(others * max(0.0, 1 - age_ms / relevant_ms))
         return load.outstanding + others + _since(load.untracked, hb)
 
-    def plan(self, pool_name: str, pool: Pool, thread_id: str) -> list[tuple[str, str]]:
-        """(replica id, tier) in the order to try them; empty = saturated or no replicas."""
+    def plan(
+        self, pool_name: str, pool: Pool, thread_id: str, request: Request | None = None, run: int = 0
+    ) -> list[tuple[str, str]]:
+        """(replica id, tier) in the order to try them; empty = saturated or no replicas.
+
+        The thread's deployment comes first (weighted rendezvous over the deployments, so an A/B
+        split holds per thread while replicas come and go); the pool's strategy orders replicas
+        within it, and the other deployments' follow as the fallback. ``run`` (a fan-out's run
+        index) rotates the order, so N runs of one thread spread over distinct replicas."""
         members = self._members.get(pool_name, [])
         if not members:
             return []
-        weights = _replica_weights(pool, members)
-        order = rendezvous_order(thread_id, [(r.id, weights[r.id]) for r in members])
+        if pool.strategy == "sticky":
+            order = _rotate(self._sticky_order(pool, members, thread_id), run)
+            return self._tiers(pool, order, {r.id: r for r in members})
+        by_dep = _by_deployment(members)
+        deps = _deployment_order(pool, by_dep, thread_id)
+        if pool.strategy in ("round_robin", "random", "least_loaded"):
+            # round_robin advances per call, so a fan-out's runs are dealt in turn without rotating
+            order = [rid for d in deps for rid in self._order(pool_name, pool.strategy, by_dep[d])]
+            if pool.strategy != "round_robin":
+                order = _rotate(order, run)
+        else:
+            order = _rotate(self._custom(pool, [r for d in deps for r in by_dep[d]], request), run)
+        return self._bounded(pool, order, pool.strategy)
+
+    def _tiers(self, pool: Pool, order: list[str], by_id: dict[str, ReplicaInfo]) -> list[tuple[str, str]]:
+        """The sticky strategy: the thread's replica, spill in its hash order, then overflow."""
         if self.strategy == "hash":  # no depth estimates: the thread's hash order, broker-bounded
             return [(rid, "sticky" if i == 0 else "spill") for i, rid in enumerate(order)]
-        by_id = {r.id: r for r in members}
         depth = {rid: self.depth(by_id[rid]) for rid in order}
         sticky, max_depth = pool.limits.sticky_depth, pool.limits.max_depth
         plan: list[tuple[str, str]] = []
@@ -122,11 +157,77 @@ class Router:
         plan += [(rid, "overflow") for rid in full[:BLIND_TRIES]]
         return plan
 
+    def _order(self, pool_name: str, strategy: str, replicas: list[ReplicaInfo]) -> list[str]:
+        """One deployment's replicas in a built-in strategy's order."""
+        if strategy == "round_robin":
+            # A counter per process and deployment, from a random start: each process deals
+            # exactly in turn (its counts differ by at most one), so G gateways differ by <= G.
+            ids = sorted(r.id for r in replicas)
+            key = f"{pool_name}/{replicas[0].deployment}"
+            turn = self._turns.get(key)
+            if turn is None:
+                turn = self._rng.randrange(1 << 30)
+            self._turns[key] = turn + 1
+            return _rotate(ids, turn)
+        if strategy == "random":
+            ids = [r.id for r in replicas]
+            self._rng.shuffle(ids)
+            return ids
+        # least_loaded: the lowest depth estimate, ties by latency (p50 of its latest requests)
+        return [
+            r.id
+            for r in sorted(replicas, key=lambda r: (self.depth(r), r.p50_latency_ms or r.avg_latency_ms))
+        ]
+
+    def _custom(self, pool: Pool, replicas: list[ReplicaInfo], request: Request | None) -> list[str]:
+        """A ``module:callable`` strategy's order; a strategy that fails falls back to sticky's."""
+        candidates = [
+            Candidate(
+                id=r.id,
+                deployment=r.deployment,
+                depth=self.depth(r),
+                latency_ms=r.p50_latency_ms or r.avg_latency_ms,
+                in_flight=r.in_flight,
+                processed=r.processed,
+                errors=r.errors,
+            )
+            for r in replicas
+        ]
+        try:
+            fn = _strategy(pool.strategy)
+            chosen = fn(candidates, request)
+            known = {c.id for c in candidates}
+            order = [c if isinstance(c, str) else c.id for c in chosen]
+            return [rid for rid in dict.fromkeys(order) if rid in known]
+        except Exception:
+            if pool.strategy not in self._failed:
+                log.exception("strategy %s failed; routing by the thread's hash instead", pool.strategy)
+            self._failed.add(pool.strategy)
+            return [r.id for r in replicas]
+
+    def _bounded(self, pool: Pool, order: list[str], tier: str) -> list[tuple[str, str]]:
+        """A strategy's order within the admission bound: replicas estimated below ``max_depth`` in
+        that order, then a few estimated full (least loaded first) for the broker to decide."""
+        by_id = {r.id: r for members in self._members.values() for r in members}
+        depth = {rid: self.depth(by_id[rid]) for rid in order if rid in by_id}
+        max_depth = pool.limits.max_depth
+        plan = [(rid, tier) for rid in order if depth.get(rid, max_depth) < max_depth]
+        full = sorted((rid for rid in depth if depth[rid] >= max_depth), key=depth.__getitem__)
+        return plan + [(rid, "overflow") for rid in full[:BLIND_TRIES]]
+
     def sticky_replica(self, pool_name: str, pool: Pool, thread_id: str) -> str | None:
-        members = self._members.get(pool_name, [])
-        weights = _replica_weights(pool, members)
-        order = rendezvous_order(thread_id, [(r.id, weights[r.id]) for r in members])
+        order = self._sticky_order(pool, self._members.get(pool_name, []), thread_id)
         return order[0] if order else None
+
+    @staticmethod
+    def _sticky_order(pool: Pool, members: list[ReplicaInfo], thread_id: str) -> list[str]:
+        """The thread's hash order: its deployment's replicas, then the other deployments'."""
+        by_dep = _by_deployment(members)
+        return [
+            rid
+            for d in _deployment_order(pool, by_dep, thread_id)
+            for rid in rendezvous_order(thread_id, [(r.id, 1.0) for r in by_dep[d]])
+        ]
 
     def published(self, replica_id: str, tracked: bool) -> None:
         load = self._load.setdefault(replica_id, _Load())
@@ -143,10 +244,46 @@ class Router:
             load.ended.append(time.time())
 
 
-def _replica_weights(pool: Pool, members: list[ReplicaInfo]) -> dict[str, float]:
-    """A deployment's weight split over its live replicas, so A/B shares hold per deployment."""
-    dep_weight = {d.name: float(d.weight) for d in pool.deployments}
-    count: dict[str, int] = {}
+def _by_deployment(members: list[ReplicaInfo]) -> dict[str, list[ReplicaInfo]]:
+    by_dep: dict[str, list[ReplicaInfo]] = {}
     for r in members:
-        count[r.deployment] = count.get(r.deployment, 0) + 1
-    return {r.id: dep_weight.get(r.deployment, 0.0) / count[r.deployment] for r in members}
+        by_dep.setdefault(r.deployment, []).append(r)
+    return by_dep
+
+
+def _deployment_order(pool: Pool, by_dep: dict[str, list[ReplicaInfo]], thread_id: str) -> list[str]:
+    """The deployments with live replicas in the thread's weighted rendezvous order: the first is
+    the thread's own, with probability weight / total (a deployment of weight 0 gets no threads)."""
+    weights = {d.name: float(d.weight) for d in pool.deployments}
+    return rendezvous_order(thread_id, [(d, weights.get(d, 0.0)) for d in by_dep])
+
+
+def _rotate(order: list[str], n: int) -> list[str]:
+    if not order or n % len(order) == 0:
+        return order
+    k = n % len(order)
+    return order[k:] + order[:k]
+
+
+class Candidate(msgspec.Struct, kw_only=True, frozen=True):
+    """A replica as a custom strategy sees it (ready ones only: unhealthy, starting and draining
+    replicas are never offered). ``depth``: the router's estimate of ready + in flight."""
+
+    id: str
+    deployment: str
+    depth: int
+    latency_ms: float  # p50 of its latest requests (0 before it served any)
+    in_flight: int
+    processed: int
+    errors: int
+
+
+Strategy = Callable[[list[Candidate], Request | None], Sequence[str | Candidate]]
+
+
+@functools.cache
+def _strategy(path: str) -> Strategy:
+    fn = import_object(path, "strategy")
+    if not callable(fn):
+        raise ConfigError(f"strategy {path!r} is not callable")
+    return cast(Strategy, fn)

@@ -25,11 +25,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from agentpool.broker.fleet import DeploymentStatus, Fleet, Health, PoolStatus
-from agentpool.broker.leases import MAX_REPLICAS
 from agentpool.broker.redis_conn import translated
 from agentpool.gateway.auth import Principal, require
 from agentpool.gateway.http import JSON, decode, read_body
-from agentpool.shared.errors import NotFound, StateConflict
+from agentpool.shared.config import MAX_REPLICAS_CAP
+from agentpool.shared.errors import BadRequest, NotFound, StateConflict
 
 MAX_ADMIN_BODY_BYTES = 4096
 
@@ -37,7 +37,7 @@ Handler = Callable[[Request, Fleet, Principal], Awaitable[Response]]
 
 
 class ScaleBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS)]
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=MAX_REPLICAS_CAP)]
 
 
 class PoolSummary(msgspec.Struct, kw_only=True):
@@ -98,6 +98,13 @@ async def scale(request: Request, fleet: Fleet, principal: Principal) -> Respons
             details={"pool": pool, "deployment": deployment},
         )
     body = decode(await read_body(request, MAX_ADMIN_BODY_BYTES), ScaleBody)
+    cap = next(d.max_replicas for d in cfg.deployments if d.name == deployment)
+    if body.replicas > cap:
+        raise BadRequest(
+            f"replicas {body.replicas} is more than deployment {deployment!r} allows (max_replicas = {cap})",
+            error_code="VALIDATION_ERROR",
+            details={"field": "replicas", "max": cap},
+        )
     await fleet.set_desired(pool, deployment, body.replicas)
     return JSON({"pool": pool, "deployment": deployment, "replicas": body.replicas})
 

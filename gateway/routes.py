@@ -92,6 +92,7 @@ def _answer(end: End) -> AskResponse:
         request_id=end.request_id,
         thread_id=end.thread_id,
         agent_id=end.agent_id,
+        deployment=end.deployment,
         content=end.content,
         usage=end.usage,
         timings=end.timings,

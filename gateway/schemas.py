@@ -45,6 +45,7 @@ class AskResponse(msgspec.Struct, kw_only=True):
     usage: Usage
     timings: Timings
     created_at: float
+    deployment: str = ""  # the agent's deployment (which arm of an A/B answered)
     attempt: int = 1
     status: Literal["completed", "interrupted"] = "completed"
     steps: list[StepEvent] = []  # tool calls, tool results and custom steps, in order
@@ -98,6 +99,7 @@ class WebhookPayload(msgspec.Struct, kw_only=True):
     pool: str
     status: Literal["completed", "failed", "interrupted"]
     agent_id: str | None = None
+    deployment: str | None = None
     content: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None

@@ -148,6 +148,7 @@ def payload_for(request_id: str, thread_id: str, pool: str, kind: bytes, data: b
             pool=pool,
             status="completed",
             agent_id=end.agent_id,
+            deployment=end.deployment,
             content=end.content,
             usage=end.usage,
             timings=end.timings,

@@ -40,7 +40,8 @@ class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     crash_marker: str | None = None  # chaos testing: a prompt containing this kills the worker process
 
 
-ImportPath = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")]
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+ImportPath = Annotated[str, msgspec.Meta(pattern=IMPORT_PATH.pattern)]
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -97,11 +98,16 @@ def prompt_variables(template: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(PROMPT_VARIABLE.findall(template)))
 
 
+MAX_REPLICAS_CAP = 512  # the most a deployment's max_replicas may be (each has 2x that many slots)
+STRATEGIES = ("sticky", "round_robin", "random", "least_loaded")
+
+
 class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Slug
     agent_type: str
     replicas: Annotated[int, msgspec.Meta(ge=0)] = 1
-    weight: Annotated[int, msgspec.Meta(ge=0)] = 100
+    weight: Annotated[int, msgspec.Meta(ge=0)] = 100  # share of new threads: weight / the pool's total
+    max_replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPLICAS_CAP)] = 64  # what scale may ask for
 
 
 class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -113,10 +119,21 @@ class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # default wait for an agent to start
 
 
+class Group(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Pools that answer the same kind of question at increasing levels (``POST /v1/groups/{g}/ask``
+    names a level; ``escalate`` goes one level up when a level fails)."""
+
+    levels: Annotated[list[Slug], msgspec.Meta(min_length=1, max_length=16)]
+
+
 class Pool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tenant: str = "default"
-    level: Literal["basic", "advanced", "expert"] | None = None
-    group: str | None = None
+    group: str | None = None  # the group this pool is a level of, with ``level``
+    level: Slug | None = None
+    # How a request picks its replica: sticky (the thread's replica, rendezvous + tiers), round_robin,
+    # random, least_loaded, or "package.module:callable" (see broker/router.py, Candidate)
+    strategy: str = "sticky"
+    validator: ImportPath | None = None  # "module:callable" judging this level's answers (escalation)
     prewarm: bool = True
     min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
@@ -132,6 +149,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     providers: dict[str, Provider]
     agent_types: dict[str, AgentType]
     pools: dict[Slug, Pool]
+    groups: dict[Slug, Group] = {}
     max_total_pools: PositiveInt | None = None  # static + per-tenant pools; None = no cap
     api_keys: list[ApiKeyEntry] = []  # bootstrap keys (hashed or from env); any one makes auth required
     rate_limit: RateLimit = msgspec.field(default_factory=key_rate_limit)  # default per API key
@@ -139,6 +157,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def pool(self, name: str) -> Pool | None:
         return self.pools.get(name)
+
+    def level_pool(self, group: str, level: str) -> str | None:
+        """The pool that is ``level`` of ``group``."""
+        for name, p in self.pools.items():
+            if p.group == group and p.level == level:
+                return name
+        return None
 
     def deployment(self, pool: str, name: str) -> Deployment:
         for d in self.pools[pool].deployments:
@@ -180,14 +205,48 @@ def _check(config: Config) -> list[str]:
             seen.add(dep.name)
             if dep.agent_type not in config.agent_types:
                 problems.append(f"{where}.deployments[{i}].agent_type: unknown agent type {dep.agent_type!r}")
+            if dep.replicas > dep.max_replicas:
+                problems.append(
+                    f"{where}.deployments[{i}].replicas: more than its max_replicas ({dep.max_replicas})"
+                )
         if pool.deployments and not any(d.weight for d in pool.deployments):
             problems.append(f"{where}.deployments: at least one weight must be > 0")
         if pool.tenants and not pool.per_tenant:
             problems.append(f"{where}.tenants: only a per_tenant pool has tenants")
         if "--" in name:
             problems.append(f"{where}: '--' is reserved for per-tenant pools ({{pool}}--{{tenant}})")
+        if pool.strategy not in STRATEGIES and not IMPORT_PATH.match(pool.strategy):
+            problems.append(
+                f"{where}.strategy: {pool.strategy!r} is none of {', '.join(STRATEGIES)} "
+                "nor 'package.module:callable'"
+            )
+        problems += _check_level(config, name, pool)
+    seen_levels: dict[tuple[str, str], str] = {}
+    for name, pool in config.pools.items():
+        if pool.group is not None and pool.level is not None:
+            other = seen_levels.setdefault((pool.group, pool.level), name)
+            if other != name:
+                problems.append(
+                    f"pools.{name}.level: {other!r} is level {pool.level!r} of {pool.group!r} already"
+                )
     problems += check_api(config.api_keys, {name: p.tenant for name, p in config.pools.items()})
     return problems
+
+
+def _check_level(config: Config, name: str, pool: Pool) -> list[str]:
+    where = f"pools.{name}"
+    if (pool.group is None) != (pool.level is None):
+        return [f"{where}: a pool of a group names both group and level"]
+    if pool.group is None:
+        return [f"{where}.validator: only a level of a group has a validator"] if pool.validator else []
+    group = config.groups.get(pool.group)
+    if group is None:
+        return [f"{where}.group: unknown group {pool.group!r} (declare it as [groups.{pool.group}])"]
+    if pool.level not in group.levels:
+        return [f"{where}.level: {pool.level!r} is not a level of {pool.group!r} ({', '.join(group.levels)})"]
+    if pool.per_tenant:
+        return [f"{where}.group: a per_tenant template cannot be a level"]
+    return []
 
 
 def _check_agent(where: str, at: AgentType) -> list[str]:
@@ -222,13 +281,31 @@ def _convert(raw: object, type_: type, where: str) -> object:
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
+    """The pools config from TOML text (the pools file)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return config_from_data(raw, source)
+
+
+def parse_config_json(data: bytes | str, source: str = "<config>") -> Config:
+    """The pools config from a JSON document in the TOML file's schema (a config API's answer)."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object with providers, agent_types and pools")
+    return config_from_data(raw, source)
+
+
+def config_from_data(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate decoded TOML or JSON: types field by field, then the cross-references."""
     try:
         # Convert table by table so a message names the pool/agent type, not `$.pools[...]`.
-        for section, type_ in (("providers", Provider), ("agent_types", AgentType), ("pools", Pool)):
+        sections = (("providers", Provider), ("agent_types", AgentType), ("pools", Pool), ("groups", Group))
+        for section, type_ in sections:
             table = raw.get(section)
             if isinstance(table, dict):
                 raw[section] = {k: _convert(v, type_, f"{section}.{k}") for k, v in table.items()}
@@ -244,10 +321,12 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate the pools file at ``path``."""
+    """Read and validate the pools file at ``path`` (TOML; JSON when it ends in ``.json``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the pools file: {e.strerror}") from None
+    if path.suffix == ".json":
+        return parse_config_json(text, str(path))
     return parse_config(text, str(path))

@@ -35,6 +35,11 @@ class Request(msgspec.Struct, kw_only=True, omit_defaults=True):
     resume: Resume | None = None  # continues an interrupted run instead of starting one
     chat: Chat | None = None  # an OpenAI- or Anthropic-style call: its conversation and options
     keep_s: int = 0  # keep the result this long after its end (an Idempotency-Key's 24 h); 0: an hour
+    # best-of-N fan-out: this request is run ``run`` (0-based) of ``runs``; ``seed`` varies its prompt.
+    # A fan-out's runs read their thread and leave it as it was (none of N answers is the turn).
+    run: int = 0
+    runs: int = 0
+    seed: int = 0
 
 
 class ToolSpec(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
@@ -156,6 +161,7 @@ class End(msgspec.Struct, tag="end", kw_only=True):
     request_id: str
     thread_id: str
     agent_id: str
+    deployment: str = ""  # the agent's deployment (A/B: which arm answered)
     content: str
     usage: Usage
     timings: Timings

@@ -416,6 +416,7 @@ async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcom
         request_id=req.request_id,
         thread_id=req.thread_id,
         agent_id=worker.replica_id,
+        deployment=worker.deployment.name,
         content=_content(run),
         usage=usage,
         timings=Timings(
@@ -435,7 +436,9 @@ async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcom
     marked = run.paused.first_request_id if run.paused else req.request_id
     run.sink.flush_text()
     closed = run.sink.transcript.close(marked, awaiting_calls=bool(client_calls))
-    stateless = _stateless(run.paused.request if run.paused else req)  # a stateless call stores nothing
+    # a stateless call stores nothing; nor does a fan-out's run (none of its N answers is the turn)
+    first = run.paused.request if run.paused else req
+    stateless = _stateless(first) or first.runs > 1
     won = await _finish(
         worker.store,
         req,

@@ -25,7 +25,7 @@ import time
 
 from agentpool.broker import tenants
 from agentpool.broker.fleet import Fleet, FleetMemory, PoolSnapshot
-from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id
+from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id, slot_count
 from agentpool.broker.redis_conn import REDIS_ERRORS, check_persistence, connect
 from agentpool.shared.config import Config
 from agentpool.shared.errors import Unavailable
@@ -69,7 +69,7 @@ class Supervisor:
         self.only = set(pools) if pools else None
         self.redis = connect(settings.redis_url)
         self.owner = new_owner_id("sup")
-        self.leases = Leases(self.redis, self.names, self.owner)
+        self.leases = Leases(self.redis, self.names, self.owner, slots=self._slots)
         self.peers = Peers(self.redis, self.names, self.owner)
         self.fleet = Fleet(self.redis, self.names, config)
         self.memory = FleetMemory(self.fleet)  # puts back what a Redis that lost its data forgot
@@ -79,6 +79,11 @@ class Supervisor:
         self._short_since: dict[tuple[str, str], float] = {}
         self._pools: list[str] = []
         self._closing = False
+
+    def _slots(self, pool: str, deployment: str) -> int:
+        cfg = self.fleet.pool_config(pool)
+        dep = next((d for d in cfg.deployments if d.name == deployment), None) if cfg else None
+        return slot_count(dep.max_replicas if dep is not None else 0)
 
     # --- lifecycle
     async def async_run(self, stop: asyncio.Event) -> None:
