@@ -58,7 +58,7 @@ import socket
 import sys
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,7 @@ class FakeLLM:
         self.retry_after_s = self.settings.retry_after_s
         self.requests = {"openai": 0, "anthropic": 0}
         self.models_requests = 0
+        self.hung_up_streams = 0  # streams the client closed before their end (a cancelled run)
         self.peers: set[tuple[str, int]] = set()  # client addresses: how many connections were used
         self.bodies: dict[str, deque[Any]] = {api: deque(maxlen=BODIES_KEPT) for api in self.requests}
 
@@ -141,10 +142,14 @@ class FakeLLM:
             raise Reject(400, f"x-fake-fault: unknown fault {fault!r}; known: {list(FAULTS)}")
         return fault
 
+    def hung_up(self) -> None:
+        self.hung_up_streams += 1
+
     def stats(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "models_requests": self.models_requests,
+            "hung_up_streams": self.hung_up_streams,
             "connections": len(self.peers),
             "faults_pending": list(self.faults),
             "bodies": {api: list(b) for api, b in self.bodies.items()},
@@ -189,9 +194,15 @@ def plan_reply(settings: FakeLLMSettings, request: Request, call: Call, api: Api
 class _Pieces:
     """An ASGI response from body pieces; a ``None`` piece cuts the connection mid-body (a drop)."""
 
-    def __init__(self, pieces: AsyncGenerator[bytes | None, None], headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        pieces: AsyncGenerator[bytes | None, None],
+        headers: Mapping[str, str],
+        on_gone: Callable[[], None] | None = None,
+    ) -> None:
         self.pieces = pieces
         self.headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+        self.on_gone = on_gone  # called when the client hangs up before the body's end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
@@ -199,6 +210,8 @@ class _Pieces:
         try:
             async with contextlib.aclosing(self.pieces) as pieces:
                 async for piece in pieces:
+                    if gone.done() and self.on_gone is not None:
+                        self.on_gone()
                     if piece is None or gone.done():
                         return  # the server closes the connection: the body never completes
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
@@ -236,13 +249,14 @@ async def _whole(body: bytes, delay_s: float, drop: bool) -> AsyncGenerator[byte
         yield None
 
 
-def _respond(api: Api, call: Call, reply: Reply, fault: str, settings: FakeLLMSettings) -> Response | _Pieces:
+def _respond(api: Api, call: Call, reply: Reply, fault: str, fake: FakeLLM) -> Response | _Pieces:
+    settings = fake.settings
     drop = fault == "drop"
     if call.stream:
         events = api.sse_body(call, reply)
         drop_after = min(settings.drop_after_tokens, len(events) - 1) if drop else None
         headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-        return _Pieces(_stream(api, call, reply, events, drop_after), headers)
+        return _Pieces(_stream(api, call, reply, events, drop_after), headers, fake.hung_up)
     body = msgspec.json.encode(api.complete(call, reply))
     delay_s = reply.ttft_s + reply.gap_s * max(0, len(reply.tokens) - 1)
     headers = {"content-type": "application/json", "content-length": str(len(body))}
@@ -292,7 +306,7 @@ async def _model_call(request: Request, api: Api) -> Response | _Pieces:
         return api.error(500, "fake internal error")
     if fault == "timeout":
         return await _hang(request, api, fake.settings.hang_s)
-    return _respond(api, call, reply, fault, fake.settings)
+    return _respond(api, call, reply, fault, fake)
 
 
 async def openai_chat(request: Request) -> Response | _Pieces:

@@ -21,11 +21,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import cast
+from typing import Literal, cast
 
 import msgspec
 
-from agentpool.broker import tenants, topology
+from agentpool.broker import shapes, tenants, topology
 from agentpool.broker.amqp import Amqp, QueueFull, QueueGone
 from agentpool.broker.fleet import Activity, Fleet
 from agentpool.broker.history import Recorder
@@ -223,12 +223,22 @@ class AgentPoolClient:
         keep_s: int = 0,
         track: bool = False,
         chat: Chat | None = None,
+        run: int = 0,
+        runs: int = 0,
+        seed: int = 0,
+        agent_id: str | None = None,
+        warm_only: bool = False,
     ) -> Ticket:
         """Route and publish one request; returns once the broker confirmed it.
 
         ``chat``: an OpenAI/Anthropic-style call's conversation and options (see
         :class:`~agentpool.shared.messages.Chat`). A stateless one has no thread: it is routed by a
-        hash of its first messages, so the same conversation keeps going to the same agent."""
+        hash of its first messages, so the same conversation keeps going to the same agent.
+
+        ``run``/``runs``/``seed``: run ``run`` of a best-of-``runs`` fan-out (see :meth:`fan_out`).
+        ``agent_id``: straight to that replica, bypassing the strategy but not its depth bound
+        (503 AGENT_SATURATED when it is full). ``warm_only``: 503 POOL_COLD instead of waking a
+        pool that has no live replica."""
         p = self.pool(pool)
         if thread_id is not None:
             check_thread_id(thread_id)
@@ -255,9 +265,81 @@ class AgentPoolClient:
             traceparent=traceparent,
             chat=chat,
             keep_s=keep_s,
+            run=run,
+            runs=runs,
+            seed=seed,
         )
-        replica, tier = await self._publish(req, p, track, route_key)
+        if agent_id is not None:
+            replica, tier = await self._publish_direct(req, p, agent_id, track)
+        else:
+            if warm_only and not self.router.members(pool):
+                await self.refresh_membership()
+                if not self.router.members(pool):
+                    raise Unavailable(
+                        f"pool {pool!r} has no warm agent (prefer_warm: it is not woken for this request)",
+                        error_code="POOL_COLD",
+                        retry_after_s=5,
+                        details={"pool": pool},
+                    )
+            replica, tier = await self._publish(req, p, track, route_key)
         return Ticket(req.request_id, req.thread_id, pool, replica, tier, req.start_by)
+
+    async def find_agent(self, agent_id: str, tenant: str | None = None) -> str | None:
+        """The pool of the ready replica ``agent_id`` (among ``tenant``'s pools when given): as
+        requests name it, so a per-tenant pool's template."""
+        for name, p in self._agent_pools(agent_id):
+            parts = tenants.split(name)
+            owner = parts[1] if parts else p.tenant
+            if tenant is not None and owner != tenant:
+                continue
+            if not any(r.id == agent_id for r in self.router.members(name)):
+                self.router.update(name, await self.registry.replicas(name))  # it may be new
+            if any(r.id == agent_id for r in self.router.members(name)):
+                return parts[0] if parts else name
+        return None
+
+    def _agent_pools(self, agent_id: str) -> list[tuple[str, Pool]]:
+        """Pools whose replica ids ``agent_id`` could be (``{pool}-{deployment}-{n}``)."""
+        found = []
+        for name, p in self.config.pools.items():
+            for d in p.deployments:
+                tail = re.fullmatch(rf"(.+)-{re.escape(d.name)}-[0-9]+", agent_id)
+                if tail is None:
+                    continue
+                pool = tail.group(1)
+                parts = tenants.split(pool)
+                if (pool == name and not p.per_tenant) or (p.per_tenant and parts and parts[0] == name):
+                    found.append((pool, p))
+        return found
+
+    async def _publish_direct(self, req: Request, pool: Pool, agent_id: str, track: bool) -> tuple[str, str]:
+        req.replica, req.tier = agent_id, "direct"
+        try:
+            await self.amqp.publish(
+                self.names.replica_queue(agent_id),
+                REQUEST_ENCODER.encode(req),
+                message_id=req.request_id,
+                headers={"thread_id": req.thread_id, "tenant": req.tenant},
+            )
+        except QueueFull:
+            metrics.routed(req.pool, "rejected")
+            self.history.refused(req.pool, 503)
+            raise Unavailable(
+                f"agent {agent_id!r} is full: it holds max_depth requests",
+                error_code="AGENT_SATURATED",
+                retry_after_s=1,
+                details={"agent_id": agent_id, "max_depth": pool.limits.max_depth},
+            ) from None
+        except QueueGone:
+            raise NotFound(
+                f"no agent {agent_id!r} (it has stopped)",
+                error_code="AGENT_NOT_FOUND",
+                details={"agent_id": agent_id},
+            ) from None
+        self.router.published(agent_id, track)
+        self.activity.seen(req.pool)
+        metrics.routed(req.pool, "direct")
+        return agent_id, "direct"
 
     def _check_chat(self, name: str, p: Pool, chat: Chat) -> None:
         """A conversation that ends with the caller's turn, and sampling parameters within what every
@@ -465,6 +547,56 @@ class AgentPoolClient:
         :class:`Interrupted` when the run pauses for a human's approval (see :meth:`resume`)."""
         sub, ticket = await self.submit_subscribed(pool, content, **kwargs)
         return await self.result(ticket, sub=sub)
+
+    async def fan_out(
+        self,
+        pool: str,
+        content: str,
+        *,
+        n: int,
+        select: Literal["all", "first"] = "all",
+        timeout_s: float | None = None,
+        **kwargs: object,
+    ) -> shapes.FanOutResult:
+        """Best-of-N: the same question ``n`` times in parallel, over distinct replicas where the
+        pool has enough (each run with its own request id, run index and seed for the prompt
+        renderer). ``select="first"`` cancels the others once one answers; at ``timeout_s`` the
+        runs still going are cancelled and listed as failed."""
+        self.check_fan_out(pool, n)
+        return await shapes.fan_out(self, pool, content, n, select=select, timeout_s=timeout_s, **kwargs)
+
+    def check_fan_out(self, pool: str, n: int) -> None:
+        """1..16 runs, on a pool whose runs cannot pause for a human (N pauses of one question)."""
+        if not 1 <= n <= shapes.MAX_RUNS:
+            raise BadRequest(
+                f"n must be 1..{shapes.MAX_RUNS}", error_code="VALIDATION_ERROR", details={"field": "n"}
+            )
+        p = self.pool(pool)
+        if n > 1 and any(self.config.agent_types[d.agent_type].approval_required for d in p.deployments):
+            raise BadRequest(
+                f"pool {pool!r} has tools that need a human's approval; a fan-out (n > 1) cannot pause",
+                error_code="VALIDATION_ERROR",
+                details={"field": "n"},
+            )
+
+    async def ask_group(
+        self, group: str, content: str, *, level: str, escalate: bool = False, **kwargs: object
+    ) -> tuple[End, list[shapes.LevelRun]]:
+        """Ask ``group``'s pool of ``level``; with ``escalate``, a failed run (or an answer its
+        level's validator rejects) is asked again one level up. The answer and the levels that ran."""
+        return await shapes.ask_group(self, group, content, level=level, escalate=escalate, **kwargs)
+
+    async def ask_agent(
+        self, agent_id: str, content: str, *, tenant: str | None = None, **kwargs: object
+    ) -> End:
+        """Ask one replica directly (404 AGENT_NOT_FOUND if no such ready agent; 503
+        AGENT_SATURATED when it is full)."""
+        pool = await self.find_agent(agent_id, tenant)
+        if pool is None:
+            raise NotFound(
+                f"no agent {agent_id!r}", error_code="AGENT_NOT_FOUND", details={"agent_id": agent_id}
+            )
+        return await self.ask(pool, content, agent_id=agent_id, tenant=tenant, **kwargs)
 
     async def result(self, ticket: Ticket, sub: Subscription | None = None) -> End:
         async for _id, kind, data in self.stream_raw(ticket, sub=sub):

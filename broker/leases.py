@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-
 from collections.abc import Callable
 
 import redis.asyncio as aredis

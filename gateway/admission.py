@@ -17,7 +17,7 @@ from typing import cast
 
 from starlette.requests import Request
 
-from agentpool.broker import tenants
+from agentpool.broker import shapes, tenants
 from agentpool.broker.client import AgentPoolClient, Ticket, new_id
 from agentpool.broker.redis_conn import REDIS_ERRORS, translated
 from agentpool.broker.streams import REPLY_TTL_S, Subscription
@@ -26,7 +26,7 @@ from agentpool.gateway.background import Background
 from agentpool.gateway.http import decode, read_body, traceparent
 from agentpool.gateway.idempotency import IDEM_TTL_S, Claim, Idempotency, fingerprint, idempotency_key
 from agentpool.gateway.ratelimit import RateLimiter, limits_for
-from agentpool.gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody
+from agentpool.gateway.schemas import MAX_BODY_BYTES, MAX_CONTEXT_CHARS, AskBody, GroupAskBody
 from agentpool.gateway.urlcheck import check_webhook_url
 from agentpool.gateway.webhooks import START_GRACE_S, Deliverer
 from agentpool.shared.config import Pool
@@ -45,6 +45,7 @@ class Admitted:
     idem_key: str | None
     rate_headers: dict[str, str] = field(default_factory=dict)
     chat: Chat | None = None  # an OpenAI/Anthropic-style call (gateway.compat)
+    agent_id: str | None = None  # the direct endpoint's replica
 
 
 @dataclass(slots=True)
@@ -61,24 +62,61 @@ def _client(request: Request) -> AgentPoolClient:
     return request.app.state.client  # type: ignore[no-any-return]
 
 
-async def admit(request: Request) -> Admitted:
-    """401/403/404/429/400/413 in that order, or an admitted request."""
-    principal = await require(request, "ask")
-    name = request.path_params["pool"]
+async def admit(request: Request, principal: Principal | None = None, name: str | None = None) -> Admitted:
+    """401/403/404/429/400/413 in that order, or an admitted request (to the path's pool, or
+    ``name``: the direct endpoint's agent's pool, its caller authenticated already)."""
+    principal = principal or await require(request, "ask")
+    name = name or request.path_params["pool"]
     pool = pool_for(_client(request), principal, name)
     rate_headers = await rate_limit(request, principal, name, pool)
     body = decode(await read_body(request, MAX_BODY_BYTES), AskBody)
+    return await _admitted(request, principal, name, pool, body, rate_headers)
+
+
+async def admit_group(request: Request) -> tuple[Admitted, GroupAskBody]:
+    """A group ask: the body names the level, so it is read before the pool's rate limit."""
+    principal = await require(request, "ask")
+    body = decode(await read_body(request, MAX_BODY_BYTES), GroupAskBody)
+    client = _client(request)
+    chain = shapes.group_levels(client, request.path_params["group"], body.level, body.escalate)
+    name = chain[0][1]
+    pool = pool_for(client, principal, name)
+    if body.escalate and (body.n > 1 or body.webhook_url is not None):
+        raise BadRequest(
+            "escalate works on one run answered in the response: not with n > 1 or webhook_url",
+            error_code="VALIDATION_ERROR",
+            details={"field": "escalate"},
+        )
+    rate_headers = await rate_limit(request, principal, name, pool)
+    return await _admitted(request, principal, name, pool, body, rate_headers), body
+
+
+async def _admitted(
+    request: Request, principal: Principal, name: str, pool: Pool, body: AskBody, rate_headers: dict[str, str]
+) -> Admitted:
     key = idempotency_key(request)
     check_body(body)
+    if body.n > 1:
+        if key is not None:
+            raise BadRequest(
+                "Idempotency-Key cannot be combined with n > 1 (each run is a request of its own)",
+                error_code="VALIDATION_ERROR",
+                details={"header": "Idempotency-Key"},
+            )
+        _client(request).check_fan_out(name, body.n)
+        rate_headers = await rate_limit(request, principal, name, pool, cost=body.n - 1) or rate_headers
     if body.webhook_url is not None:
         await check_webhook_url(body.webhook_url, request.app.state.config.webhooks)
     return Admitted(principal, name, pool, body, key, rate_headers)
 
 
-async def rate_limit(request: Request, principal: Principal, name: str, pool: Pool) -> dict[str, str]:
+async def rate_limit(
+    request: Request, principal: Principal, name: str, pool: Pool, cost: int = 1
+) -> dict[str, str]:
+    """Charge the caller's and the pool's limits ``cost`` requests (429 when one has not that many)."""
     client = _client(request)
     limiter: RateLimiter = request.app.state.limiter
-    verdict = await limiter.check(limits_for(client.config, client.names, principal, name, pool))
+    verdict = await limiter.check(limits_for(client.config, client.names, principal, name, pool), cost)
     headers = verdict.headers() if verdict is not None else {}
     request.state.rate_headers = headers  # the error handler adds them to error answers too
     if verdict is not None and not verdict.allowed:
@@ -106,12 +144,35 @@ def check_body(body: AskBody) -> None:
             error_code="VALIDATION_ERROR",
             details={"field": "stream"},
         )
+    if body.n > 1 and body.webhook_url is not None:
+        raise BadRequest(
+            "webhook_url cannot be combined with n > 1: a webhook delivers one answer",
+            error_code="VALIDATION_ERROR",
+            details={"field": "webhook_url"},
+        )
+    if body.n == 1 and (body.timeout_s is not None or body.select != "all"):
+        field_name = "timeout_s" if body.timeout_s is not None else "select"
+        raise BadRequest(
+            f"{field_name} applies to a fan-out: send n > 1 with it",
+            error_code="VALIDATION_ERROR",
+            details={"field": field_name},
+        )
+    if (
+        body.max_wait_s is not None
+        and body.pool_options is not None
+        and body.pool_options.max_wait_time is not None
+    ):
+        raise BadRequest(
+            "max_wait_s and pool_options.max_wait_time are the same setting: send one",
+            error_code="VALIDATION_ERROR",
+            details={"field": "pool_options.max_wait_time"},
+        )
 
 
 async def start(request: Request, a: Admitted) -> Started:
     client = _client(request)
     rid, tid = new_id(), a.body.thread_id or new_id()
-    start_by = time.time() + (a.body.max_wait_s or a.pool.limits.max_wait_s)
+    start_by = time.time() + (a.body.wait_s() or a.pool.limits.max_wait_s)
     idem: Idempotency = request.app.state.idempotency
     claim: Claim | None = None
     with translated(client.settings.redis_url):
@@ -149,11 +210,13 @@ async def start(request: Request, a: Admitted) -> Started:
             request_id=rid,
             thread_id=tid,
             tenant=a.principal.tenant,
-            max_wait_s=a.body.max_wait_s,
+            max_wait_s=a.body.wait_s(),
             context_variables=a.body.context_variables,
             traceparent=traceparent(request),  # valid or None: never stored long
             chat=a.chat,
             keep_s=IDEM_TTL_S if a.idem_key is not None else 0,  # kept by the worker, whoever accepted
+            agent_id=a.agent_id,
+            warm_only=a.body.warm_only,
         )
     except BaseException:
         await _undo(request, a, rid)

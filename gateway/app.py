@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
 from agentpool.broker.redis_conn import redis_unavailable
-from agentpool.gateway import admin, anthropic_compat, dashboard, external, openai_compat, routes
+from agentpool.gateway import admin, anthropic_compat, dashboard, external, openai_compat, routes, shapes
 from agentpool.gateway.http import error_response, on_client_gone
 from agentpool.shared.config import Config, load_config
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
     app = Starlette(
         routes=[
             Route("/v1/ask/{pool}", routes.ask, methods=["POST"]),
+            Route("/v1/groups/{group}/ask", shapes.group_ask, methods=["POST"]),
+            Route("/v1/groups/{group}", shapes.group_status, methods=["GET"]),
+            Route("/v1/agents/{agent_id}/ask", shapes.agent_ask, methods=["POST"]),
             Route("/v1/requests/{request_id}", routes.request_resource, methods=["GET", "DELETE"]),
             Route("/v1/requests/{request_id}/resume", routes.resume, methods=["POST"]),
             Route("/healthz", routes.healthz, methods=["GET"]),

@@ -24,15 +24,18 @@ from agentpool.shared.names import Names
 
 PERIOD_MS = 60_000
 
-# KEYS: one per limit. ARGV[1] = period ms, ARGV[1+i] = limit i (requests per period).
+# KEYS: one per limit. ARGV[1] = period ms, ARGV[2] = cost (requests charged), ARGV[2+i] = limit i
+# (requests per period).
 # -> {allowed 0/1, index of the reported limit, remaining, reset ms, retry-after ms}
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local period = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
 local new_tats, worst, worst_i, retry = {}, math.huge, 1, 0
 for i = 1, #KEYS do
-  local inc = period / tonumber(ARGV[i + 1])
+  local unit = period / tonumber(ARGV[i + 2])
+  local inc = unit * cost
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   local new_tat = tat + inc
@@ -41,7 +44,7 @@ for i = 1, #KEYS do
     if wait > retry then retry = wait; worst_i = i end
   end
   new_tats[i] = new_tat
-  local left = math.floor((period - (new_tat - now)) / inc + 0.001)
+  local left = math.floor((period - (new_tat - now)) / unit + 0.001)
   if retry == 0 and left < worst then worst = left; worst_i = i end
 end
 if retry > 0 then
@@ -98,12 +101,14 @@ class RateLimiter:
         self._script = redis.register_script(_GCRA)
         self._url = redis_url
 
-    async def check(self, limits: list[tuple[str, int]]) -> Verdict | None:
-        """Charge every limit, or none if one is exhausted; None when no limit applies."""
+    async def check(self, limits: list[tuple[str, int]], cost: int = 1) -> Verdict | None:
+        """Charge every limit ``cost`` requests (a fan-out's N runs), or none if one has not that
+        many left; None when no limit applies."""
         if not limits:
             return None
         with translated(self._url):
-            res = await self._script(keys=[k for k, _ in limits], args=[PERIOD_MS, *(n for _, n in limits)])
+            args = [PERIOD_MS, cost, *(n for _, n in limits)]
+            res = await self._script(keys=[k for k, _ in limits], args=args)
         allowed, idx, remaining, reset_ms, retry_ms = (int(x) for x in res)
         return Verdict(
             bool(allowed),

@@ -36,8 +36,17 @@ def _client(request: Request) -> AgentPoolClient:
 
 
 async def ask(request: Request) -> Response:
-    client = _client(request)
     admitted = await admission.admit(request)  # auth, the tenant's pool, rate limit, body
+    if admitted.body.n > 1:
+        from agentpool.gateway import shapes
+
+        return await shapes.fan_out(request, admitted)
+    return await answer(request, admitted)
+
+
+async def answer(request: Request, admitted: admission.Admitted) -> Response:
+    """One admitted ask: published, then answered as JSON, SSE, or 202 for a webhook."""
+    client = _client(request)
     started = await admission.start(request, admitted)  # idempotency, webhook record, publish
     ticket, sub, body = started.ticket, started.sub, admitted.body
     headers = {

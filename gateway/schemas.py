@@ -19,13 +19,50 @@ VarValue = Annotated[str, msgspec.Meta(max_length=4000)]
 WebhookUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
 
 
+WaitSeconds = Annotated[float, msgspec.Meta(ge=0.1, le=3600)]  # below 0.1 s nothing starts
+
+
+class PoolOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The request shape of the systems agentpool replaces: ``max_wait_time`` is ``max_wait_s``;
+    ``prefer_warm`` answers 503 POOL_COLD instead of waking a pool that has no live agent."""
+
+    max_wait_time: WaitSeconds | None = None
+    prefer_warm: bool = False
+
+
 class AskBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     content: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CONTENT_CHARS)]
     thread_id: ThreadId | None = None
     stream: bool = False
-    max_wait_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] | None = None  # below 0.1 s nothing starts
+    max_wait_s: WaitSeconds | None = None
     context_variables: Annotated[dict[VarName, VarValue], msgspec.Meta(max_length=32)] = {}
     webhook_url: WebhookUrl | None = None  # answer 202 now, POST the result there when done
+    # best-of-N: run the question n times in parallel (results + failed); select "first" stops the
+    # others once one answers; timeout_s ends the fan-out with the results it has; seed varies prompts
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    select: Literal["all", "first"] = "all"
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    pool_options: PoolOptions | None = None
+
+    def wait_s(self) -> float | None:
+        return (
+            self.max_wait_s
+            if self.max_wait_s is not None
+            else (self.pool_options or PoolOptions()).max_wait_time
+        )
+
+    @property
+    def warm_only(self) -> bool:
+        return self.pool_options is not None and self.pool_options.prefer_warm
+
+
+class GroupAskBody(AskBody, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/groups/{group}/ask``: ``level`` picks the group's pool; ``escalate`` asks the next
+    level up when a run fails or the level's validator rejects its answer."""
+
+    level: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    escalate: bool = False
 
 
 class PendingApproval(msgspec.Struct, kw_only=True):
@@ -51,6 +88,51 @@ class AskResponse(msgspec.Struct, kw_only=True):
     steps: list[StepEvent] = []  # tool calls, tool results and custom steps, in order
     interrupt: PendingApproval | None = None
     resumed_from: str | None = None  # the paused request this run continued
+
+
+class RunAnswer(AskResponse, kw_only=True):
+    """One run's answer in a fan-out."""
+
+    run: int = 0
+
+
+class RunFailed(msgspec.Struct, kw_only=True):
+    run: int
+    request_id: str
+    error_code: str
+    error: str
+
+
+class RunCancelled(msgspec.Struct, kw_only=True):
+    run: int
+    request_id: str
+
+
+class FanOutResponse(msgspec.Struct, kw_only=True):
+    """``n > 1``: every run's answer (in the order they ended), the runs that failed (or were still
+    running at ``timeout_s``: DEADLINE_EXCEEDED), and those ``select: first`` stopped."""
+
+    thread_id: str
+    results: list[RunAnswer]
+    failed: list[RunFailed]
+    cancelled: list[RunCancelled] = []
+
+
+class LevelRunView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    level: str
+    pool: str
+    status: Literal["completed", "failed"]
+    request_id: str = ""
+    error_code: str = ""
+    error: str = ""
+
+
+class GroupAnswer(AskResponse, kw_only=True):
+    """A group ask's answer: the level that answered and every level that ran (escalation)."""
+
+    group: str = ""
+    level: str = ""
+    levels: list[LevelRunView] = []
 
 
 class ResumeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -172,6 +172,7 @@ STATUS_BY_CODE = {
     "QUEUE_TIMEOUT": 504,
     "RUN_TIMEOUT": 504,
     "CANCELLED": 499,
+    "ANSWER_REJECTED": 422,  # the level's validator refused the answer
     "THREAD_WAITING": 409,
     "NOT_WAITING": 409,
     "TOOL_NAME_CONFLICT": 400,  # a request's own tool named like one of the agent type's

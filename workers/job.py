@@ -40,7 +40,7 @@ from agentpool.shared.messages import (
     ToolCall,
     Usage,
 )
-from agentpool.workers import coldstart
+from agentpool.workers import coldstart, validation
 from agentpool.workers.agents.api import Turn
 from agentpool.workers.agents.loop import AgentFailed, ClientToolCalls, Decision, LoopState, NeedsApproval
 from agentpool.workers.chunks import ChunkWriter
@@ -228,6 +228,9 @@ def _prepare(
         system=paused.system if paused else _system(prompt.system, chat),
         tools=list(worker.toolbox.tools.values()),
         attempt=attempt,
+        run=first.run,
+        runs=first.runs,
+        seed=first.seed,
         _toolbox=box,
         _max_rounds=worker.agent_type.max_tool_rounds,
         _opening=opening,
@@ -407,6 +410,10 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
 
 async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcome:
     req, writer = run.req, run.writer
+    if worker.validator is not None and not client_calls:
+        why = await validation.rejection(worker.validator, _content(run), req)
+        if why is not None:
+            return await _fail(worker, run, "ANSWER_REJECTED", why)
     tail = await writer.close_tail()
     now = time.monotonic()
     first = writer.first_at or now
@@ -437,8 +444,8 @@ async def _end(worker: Worker, run: Run, client_calls: list[ToolCall]) -> Outcom
     run.sink.flush_text()
     closed = run.sink.transcript.close(marked, awaiting_calls=bool(client_calls))
     # a stateless call stores nothing; nor does a fan-out's run (none of its N answers is the turn)
-    first = run.paused.request if run.paused else req
-    stateless = _stateless(first) or first.runs > 1
+    began = run.paused.request if run.paused else req
+    stateless = _stateless(began) or began.runs > 1
     won = await _finish(
         worker.store,
         req,

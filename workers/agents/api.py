@@ -64,6 +64,9 @@ class Turn:
     system: str = ""
     tools: list[Tool] = field(default_factory=list)
     attempt: int = 1
+    run: int = 0  # a best-of-N fan-out's run index (0-based), of ``runs``; 0 and 0 otherwise
+    runs: int = 0
+    seed: int = 0  # the run's seed: vary the prompt with it (differs per run of a fan-out)
     _toolbox: ToolBox | None = field(default=None, repr=False)
     _max_rounds: int = 8
     _opening: list[Message] | None = field(default=None, repr=False)  # a prompt_renderer's, a Chat's
