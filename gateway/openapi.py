@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from agentpool.broker.fleet import Health, PoolStatus
-from agentpool.gateway import admin, dashboard
+from agentpool.gateway import admin, dashboard, shapes
 from agentpool.gateway import anthropic_compat as an
 from agentpool.gateway import openai_compat as oa
 from agentpool.gateway import schemas as s
@@ -24,6 +24,10 @@ VERSION = "1.0.0"
 _TYPES = [
     s.AskBody,
     s.AskResponse,
+    s.FanOutResponse,
+    s.GroupAskBody,
+    s.GroupAnswer,
+    shapes.GroupStatus,
     s.ResumeBody,
     s.Accepted,
     s.Running,
@@ -57,15 +61,18 @@ _ERROR_TEXT = {
     400: "Bad input (INVALID_JSON, VALIDATION_ERROR, WEBHOOK_URL_REFUSED, ...)",
     401: "No API key, or an unknown, malformed or revoked one (INVALID_API_KEY)",
     403: "The API key lacks the scope this endpoint needs (FORBIDDEN)",
-    404: "Unknown, or another tenant's (POOL_NOT_FOUND, REQUEST_NOT_FOUND, KEY_NOT_FOUND, NOT_FOUND)",
+    404: "Unknown, or another tenant's (POOL_NOT_FOUND, REQUEST_NOT_FOUND, KEY_NOT_FOUND, GROUP_NOT_FOUND, "
+    "LEVEL_NOT_FOUND, AGENT_NOT_FOUND, NOT_FOUND)",
     405: "Method not allowed (METHOD_NOT_ALLOWED)",
     409: "Not in a state that allows it (NOT_WAITING, ALREADY_RESUMED, THREAD_WAITING)",
     413: "Body larger than 256 KiB (PAYLOAD_TOO_LARGE)",
-    422: "Idempotency-Key reused with another body (IDEMPOTENCY_CONFLICT)",
+    422: "Idempotency-Key reused with another body (IDEMPOTENCY_CONFLICT), or the level's validator "
+    "rejected the answer (ANSWER_REJECTED)",
     429: "Rate limit exceeded (RATE_LIMIT_EXCEEDED); see Retry-After",
     499: "The request was cancelled (CANCELLED)",
     502: "The generation failed; error_code is the provider's or the worker's",
-    503: "Pool saturated or a dependency unreachable (POOL_SATURATED, REDIS_UNAVAILABLE, ...)",
+    503: "Pool or agent saturated, a cold pool with prefer_warm, or a dependency unreachable "
+    "(POOL_SATURATED, AGENT_SATURATED, POOL_COLD, REDIS_UNAVAILABLE, ...)",
     504: "No agent started the request within max_wait_s (QUEUE_TIMEOUT), or the run took longer "
     "than its run_timeout_s (RUN_TIMEOUT)",
 }
@@ -84,6 +91,18 @@ _SSE_EVENT = {  # one event of the stream (": keep-alive" comment lines carry no
             "contentMediaType": "application/json",
             "contentSchema": {"oneOf": [{"$ref": _REF.format(name=n)} for n in _EVENT_TYPES]},
         },
+    },
+}
+_SSE_SHAPED = {  # a fan-out's or a group ask's stream
+    "type": "object",
+    "required": ["event", "data"],
+    "description": "n > 1: every run's events, each data tagged with its run, then done (which runs "
+    "completed, failed, were cancelled). A group ask: each level's events tagged with its level, an "
+    "escalate event between a failed level and the next; end carries levels",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+        "event": {"enum": [*_EVENTS, "done", "escalate"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
     },
 }
 _STR = {"type": "string"}
@@ -129,21 +148,36 @@ def _json(name: str, description: str, headers: dict[str, Any] | None = None) ->
     return out
 
 
-def _answer(description: str, headers: dict[str, Any]) -> dict[str, Any]:
-    """200 as JSON, or SSE with ``Accept: text/event-stream``."""
+def _answer(description: str, headers: dict[str, Any], *also: str) -> dict[str, Any]:
+    """200 as JSON, or SSE with ``Accept: text/event-stream``; ``also``: other answer shapes (a
+    fan-out's, a group's)."""
     out = _json("AskResponse", description, headers)
-    out["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
+    if also:
+        out["content"]["application/json"]["schema"] = {"oneOf": [_ref(n) for n in also]}
+    sse = {"oneOf": [_SSE_EVENT, _SSE_SHAPED]} if also else _SSE_EVENT
+    out["content"]["text/event-stream"] = {"schema": sse}
     return out
 
 
-def _ask() -> dict[str, Any]:
-    ok_headers = {**_REQUEST_HEADERS, **RATE_HEADERS}
+_FAN_OUT_HEADERS = {
+    "X-Request-IDs": {"description": "n > 1: the runs' request ids, comma-separated", "schema": _STR},
+}
+
+
+def _ask(
+    op: str = "ask",
+    summary: str = "Ask a pool (JSON, SSE, or webhook; n > 1: a best-of-N fan-out)",
+    param: str = "pool",
+    body: str = "AskBody",
+    answers: tuple[str, ...] = ("AskResponse", "FanOutResponse"),
+) -> dict[str, Any]:
+    ok_headers = {**_REQUEST_HEADERS, **RATE_HEADERS, **_FAN_OUT_HEADERS}
     return {
         "post": {
-            "operationId": "ask",
-            "summary": "Ask a pool (JSON, SSE, or webhook)",
+            "operationId": op,
+            "summary": summary,
             "parameters": [
-                {"name": "pool", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": param, "in": "path", "required": True, "schema": {"type": "string"}},
                 {
                     "name": "Idempotency-Key",
                     "in": "header",
@@ -152,9 +186,9 @@ def _ask() -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,256}$"},
                 },
             ],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("AskBody")}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
             "responses": {
-                "200": _answer("The answer (JSON), or its event stream", ok_headers),
+                "200": _answer("The answer (JSON), or its event stream", ok_headers, *answers),
                 "202": _json(
                     "Accepted",
                     "Webhook mode: the result will be POSTed to webhook_url",
@@ -552,6 +586,30 @@ def _paths() -> dict[str, Any]:
         **_compat_paths(),
         **_fleet_paths(),
         "/v1/ask/{pool}": _ask(),
+        "/v1/groups/{group}/ask": _ask(
+            "askGroup",
+            "Ask a group's level (escalate: one level up when a run fails or its answer is rejected)",
+            "group",
+            "GroupAskBody",
+            ("GroupAnswer", "FanOutResponse"),
+        ),
+        "/v1/groups/{group}": {
+            "get": {
+                "operationId": "getGroup",
+                "summary": "Per level: agents ready/desired, depth, processed, error rate, p50 latency",
+                "parameters": [{"name": "group", "in": "path", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _json("GroupStatus", "The group's levels"),
+                    **_errors(401, 403, 404, 503),
+                },
+            }
+        },
+        "/v1/agents/{agent_id}/ask": _ask(
+            "askAgent",
+            "Ask one agent directly (its depth bound holds: 503 AGENT_SATURATED when it is full)",
+            "agent_id",
+            answers=(),
+        ),
         "/v1/requests/{request_id}": _get_request(),
         "/v1/requests/{request_id}/resume": _resume(),
         "/v1/keys": _admin("listKeys", "get", "KeyList", "The tenant's API keys"),

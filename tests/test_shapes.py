@@ -29,7 +29,9 @@ TTFT_MS, TOKENS_PER_S, REPLY_TOKENS = 300, 20, 8  # one model call: 0.3 + 7 / 20
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def fake_llm() -> AsyncIterator[Running]:
-    settings = FakeLLMSettings(api_key=KEY, reply_tokens=REPLY_TOKENS, ttft_ms=TTFT_MS, tokens_per_s=TOKENS_PER_S)
+    settings = FakeLLMSettings(
+        api_key=KEY, reply_tokens=REPLY_TOKENS, ttft_ms=TTFT_MS, tokens_per_s=TOKENS_PER_S
+    )
     async with running(settings) as srv:
         yield srv
 
@@ -96,6 +98,11 @@ deployments = [{{ name = "main", agent_type = "gen", replicas = 1 }}]
 limits = {{ concurrency = 1, sticky_depth = 1, max_depth = 2 }}
 deployments = [{{ name = "main", agent_type = "sleepy", replicas = 2 }}]
 
+[pools.limited]
+rate_limit = {{ requests_per_minute = 6 }}
+limits = {{ concurrency = 4, max_depth = 8 }}
+deployments = [{{ name = "main", agent_type = "sleepy", replicas = 1 }}]
+
 [pools.elsewhere]
 tenant = "acme"
 deployments = [{{ name = "main", agent_type = "sleepy", replicas = 1 }}]
@@ -107,9 +114,11 @@ deployments = [{{ name = "main", agent_type = "sleepy", replicas = 1 }}]
 @pytest_asyncio.fixture(loop_scope="session")
 async def gateway(make_system: Any, fake_llm: Running) -> AsyncIterator[tuple[System, httpx.AsyncClient]]:
     system: System = await make_system(config(fake_llm.url))
-    async with running_gateway(system.settings, system.config) as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            yield system, http
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        yield system, http
 
 
 def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -145,7 +154,9 @@ async def test_fan_out_spreads_runs_over_agents_in_parallel_with_a_prompt_each(
     assert sorted(per_agent.values()) == [2, 2, 2, 2], per_agent
     assert wall_s < 1.5 * single_s, (wall_s, single_s)
     # each run's prompt differs: the renderer saw its run index and seed
-    systems = [b["messages"][0]["content"] for b in (await fake.get("/_fake/stats")).json()["bodies"]["openai"]]
+    systems = [
+        b["messages"][0]["content"] for b in (await fake.get("/_fake/stats")).json()["bodies"]["openai"]
+    ]
     assert len(systems) == 8 and len(set(systems)) == 8, systems
     assert {s.split(" run=")[1].split(" ")[0] for s in systems} == {str(i) for i in range(8)}
     # the runs read the thread and left it as it was: the next message sees no earlier turn
@@ -171,7 +182,9 @@ async def test_fan_out_select_first_cancels_the_other_runs(
     assert (await fake.get("/_fake/stats")).json()["requests"]["openai"] == 3
 
 
-async def test_fan_out_streams_runs_tagged_and_ends_with_a_summary(gateway: tuple[System, httpx.AsyncClient]) -> None:
+async def test_fan_out_streams_runs_tagged_and_ends_with_a_summary(
+    gateway: tuple[System, httpx.AsyncClient],
+) -> None:
     _system, http = gateway
     r = await http.post("/v1/ask/gen", json={"content": "list tables", "n": 3, "stream": True})
     assert r.status_code == 200, r.text
@@ -193,7 +206,10 @@ async def test_fan_out_deadline_gives_the_partial_results(gateway: tuple[System,
     assert r.status_code == 200, r.text
     body = r.json()
     assert [x["run"] for x in body["results"]] == [0]
-    assert [(f["run"], f["error_code"]) for f in body["failed"]] == [(1, "DEADLINE_EXCEEDED"), (2, "DEADLINE_EXCEEDED")]
+    assert [(f["run"], f["error_code"]) for f in body["failed"]] == [
+        (1, "DEADLINE_EXCEEDED"),
+        (2, "DEADLINE_EXCEEDED"),
+    ]
 
 
 async def test_fan_out_bad_input_is_a_clear_400(gateway: tuple[System, httpx.AsyncClient]) -> None:
@@ -213,17 +229,47 @@ async def test_fan_out_bad_input_is_a_clear_400(gateway: tuple[System, httpx.Asy
     assert r.status_code == 400 and "Idempotency-Key" in r.text
 
 
+async def test_a_fan_out_counts_n_against_rate_limits_and_admission(
+    gateway: tuple[System, httpx.AsyncClient],
+) -> None:
+    _system, http = gateway
+    ok = await http.post("/v1/ask/limited", json={"content": "0", "n": 4})
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 4, ok.text
+    assert ok.headers["x-ratelimit-remaining"] == "2"
+    refused = await http.post("/v1/ask/limited", json={"content": "0", "n": 4})
+    assert (refused.status_code, refused.json()["error_code"]) == (429, "RATE_LIMIT_EXCEEDED"), refused.text
+    # admission: 2 agents x max_depth 2 hold 4 runs; a fifth is refused, and the 4 are withdrawn
+    saturated = await http.post("/v1/ask/direct", json={"content": "2", "n": 5})
+    assert (saturated.status_code, saturated.json()["error_code"]) == (503, "POOL_SATURATED"), saturated.text
+
+    answered: list[httpx.Response] = []
+
+    async def room_again() -> bool:  # once the withdrawn runs are gone (cancelled, or dropped when taken)
+        r = await http.post("/v1/ask/direct", json={"content": "0", "n": 4})
+        answered.append(r)
+        return r.status_code == 200
+
+    await wait_until(room_again, 10, "room for 4 runs again")
+    assert len(answered[-1].json()["results"]) == 4
+    assert all(r.json()["error_code"] == "POOL_SATURATED" for r in answered[:-1])
+
+
 async def test_escalation_goes_one_level_up_when_a_level_fails(
     gateway: tuple[System, httpx.AsyncClient], fake: httpx.AsyncClient
 ) -> None:
     _system, http = gateway
     (await fake.post("/_fake/faults", json={"faults": ["500"]})).raise_for_status()  # basic's one call
-    r = await http.post("/v1/groups/sql/ask", json={"content": "top customers", "level": "basic", "escalate": True})
+    r = await http.post(
+        "/v1/groups/sql/ask", json={"content": "top customers", "level": "basic", "escalate": True}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["level"] == "advanced" and body["group"] == "sql"
     assert body["agent_id"].startswith("sql-advanced-")
-    assert [(lv["level"], lv["status"]) for lv in body["levels"]] == [("basic", "failed"), ("advanced", "completed")]
+    assert [(lv["level"], lv["status"]) for lv in body["levels"]] == [
+        ("basic", "failed"),
+        ("advanced", "completed"),
+    ]
     assert body["levels"][0]["error_code"].startswith("PROVIDER")
 
     # without escalate the failure is the answer
@@ -232,7 +278,9 @@ async def test_escalation_goes_one_level_up_when_a_level_fails(
     assert r.status_code == 502 and r.json()["details"]["levels"][0]["level"] == "basic"
 
 
-async def test_escalation_on_a_rejected_answer_leaves_no_trace_of_it(gateway: tuple[System, httpx.AsyncClient]) -> None:
+async def test_escalation_on_a_rejected_answer_leaves_no_trace_of_it(
+    gateway: tuple[System, httpx.AsyncClient],
+) -> None:
     _system, http = gateway
     ask = {"content": "a hard one", "level": "basic", "escalate": True, "thread_id": "t-hard"}
     r = await http.post("/v1/groups/sql/ask", json=ask)
@@ -259,7 +307,9 @@ async def test_escalation_on_a_rejected_answer_leaves_no_trace_of_it(gateway: tu
 
 async def test_group_status_and_unknown_names(gateway: tuple[System, httpx.AsyncClient]) -> None:
     _system, http = gateway
-    assert (await http.post("/v1/groups/sql/ask", json={"content": "q", "level": "advanced"})).status_code == 200
+    assert (
+        await http.post("/v1/groups/sql/ask", json={"content": "q", "level": "advanced"})
+    ).status_code == 200
     r = await http.get("/v1/groups/sql")
     assert r.status_code == 200, r.text
     levels = {lv["level"]: lv for lv in r.json()["levels"]}
@@ -288,7 +338,9 @@ async def test_direct_endpoint_talks_to_that_agent_only(gateway: tuple[System, h
             assert r.json()["agent_id"] == agent and r.json()["content"] == f"slept on {agent}"
     # full: one running, one queued (max_depth 2, concurrency 1); the third is refused at once
     target = agents[0]
-    slow = [asyncio.create_task(http.post(f"/v1/agents/{target}/ask", json={"content": "1.5"})) for _ in range(2)]
+    slow = [
+        asyncio.create_task(http.post(f"/v1/agents/{target}/ask", json={"content": "1.5"})) for _ in range(2)
+    ]
 
     async def busy() -> bool:
         await system.client.refresh_membership()
@@ -314,10 +366,15 @@ async def test_direct_endpoint_talks_to_that_agent_only(gateway: tuple[System, h
 
 async def test_prefer_warm_refuses_to_wake_a_cold_pool(make_system: Any, fake_llm: Running) -> None:
     system: System = await make_system(config(fake_llm.url), start=False)
-    async with running_gateway(system.settings, system.config) as url, httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_gateway(system.settings, system.config) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         r = await http.post("/v1/ask/gen", json={"content": "x", "pool_options": {"prefer_warm": True}})
         assert (r.status_code, r.json()["error_code"]) == (503, "POOL_COLD"), r.text
-        r = await http.post("/v1/ask/gen", json={"content": "x", "max_wait_s": 1, "pool_options": {"max_wait_time": 1}})
+        r = await http.post(
+            "/v1/ask/gen", json={"content": "x", "max_wait_s": 1, "pool_options": {"max_wait_time": 1}}
+        )
         assert r.status_code == 400 and "pool_options.max_wait_time" in r.text
         r = await http.post("/v1/ask/gen", json={"content": "x", "pool_options": {"max_wait_time": 0.3}})
         assert (r.status_code, r.json()["error_code"]) == (504, "QUEUE_TIMEOUT"), r.text
