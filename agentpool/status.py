@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from agentpool.broker.fleet import Fleet, Health, PoolStatus
+from agentpool.broker.history import RECENT_S
 from agentpool.broker.redis_conn import connect, translated
 from agentpool.shared.config import Config
 from agentpool.shared.errors import NotFound
@@ -96,6 +97,37 @@ def replicas_table(s: PoolStatus, now: float) -> str:
     )
 
 
+def traffic_table(s: PoolStatus) -> str:
+    """Per deployment, its configured share next to what its replicas answered of late."""
+    rows = [
+        [
+            d.name,
+            str(d.weight),
+            f"{d.share:.1%}",
+            f"{r.share:.1%}",
+            str(r.requests),
+            f"{r.error_rate:.1%}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            str(r.input_tokens + r.output_tokens),
+        ]
+        for d in s.deployments
+        if (r := d.recent) is not None
+    ]
+    head = [
+        "DEPLOYMENT",
+        "WEIGHT",
+        "SHARE",
+        "MEASURED",
+        "REQUESTS",
+        "ERROR RATE",
+        "P50 MS",
+        "P99 MS",
+        "TOKENS",
+    ]
+    return f"traffic over the last {RECENT_S // 60} min\n" + table(head, rows)
+
+
 def health_line(h: Health) -> str:
     return (
         f"{h.healthy_pools}/{h.total_pools} pools healthy; {h.active_requests} active requests; "
@@ -111,8 +143,8 @@ async def render(settings: Settings, config: Config, pool: str | None) -> str:
             now = time.time()
             if pool is not None:
                 await _known(fleet, [pool])
-                s = await fleet.status(pool)
-                return pools_table([s]) + "\n\n" + replicas_table(s, now)
+                s = await fleet.status(pool, traffic=True)
+                return "\n\n".join([pools_table([s]), replicas_table(s, now), traffic_table(s)])
             statuses = await fleet.statuses()
             return pools_table(statuses) + "\n\n" + health_line(Health.of(statuses))
     finally:

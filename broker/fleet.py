@@ -23,7 +23,8 @@ from typing import Literal, cast
 import msgspec
 import redis.asyncio as aredis
 
-from agentpool.broker import tenants
+from agentpool.broker import history, tenants
+from agentpool.broker.history import Traffic
 from agentpool.broker.registry import Registry, ReplicaInfo
 from agentpool.shared.config import Config, Pool
 from agentpool.shared.names import Names
@@ -119,11 +120,14 @@ class Fleet:
         """Static pools, then the per-tenant pools made so far."""
         return tenants.static_pools(self.config) + await self.tenants.names()
 
-    async def snapshot(self, pool: str, now: float | None = None) -> PoolSnapshot:
-        """Everything about one pool in one round trip (plus the registry's read)."""
+    async def snapshot(self, pool: str, now: float | None = None, traffic: bool = False) -> PoolSnapshot:
+        """Everything about one pool in one round trip (plus the registry's read); with ``traffic``,
+        each deployment's requests over the last :data:`~agentpool.broker.history.RECENT_S` too."""
         cfg = self.pool_config(pool)
         if cfg is None:
             raise KeyError(pool)
+        now = now or time.time()
+        buckets = history.recent_buckets(now) if traffic else []
         pipe = self.redis.pipeline(transaction=False)
         for d in cfg.deployments:
             pipe.get(self.names.desired(pool, d.name))
@@ -132,6 +136,8 @@ class Fleet:
         pipe.hget(self.keys.requests, pool)
         pipe.hget(self.keys.cold_starts, pool)
         pipe.hgetall(self.names.drains(pool))
+        for b in buckets:
+            pipe.hgetall(self.names.history(pool, b))
         res = await pipe.execute()
         k = len(cfg.deployments)
         pairs = zip(cfg.deployments, res[:k], strict=True)
@@ -140,8 +146,7 @@ class Fleet:
             base[d.name] = int(raw) if raw is not None else d.replicas
             if raw is not None:
                 stored.append(d.name)
-        last, gen, requests, cold, drains = res[k:]
-        now = now or time.time()
+        last, gen, requests, cold, drains = res[k : k + 5]
         last_at = float(last) if last is not None else None
         return PoolSnapshot(
             name=pool,
@@ -155,10 +160,12 @@ class Fleet:
             drains={k.decode(): int(v) for k, v in drains.items()},
             replicas=await self.registry.replicas(pool),
             now=now,
+            traffic=history.traffic(res[k + 5 :], list(base)) if traffic else None,
         )
 
-    async def status(self, pool: str) -> PoolStatus:
-        return (await self.snapshot(pool)).status()
+    async def status(self, pool: str, traffic: bool = False) -> PoolStatus:
+        """The pool's status; ``traffic`` adds each deployment's ``recent`` figures (the A/B as measured)."""
+        return (await self.snapshot(pool, traffic=traffic)).status()
 
     async def statuses(self) -> list[PoolStatus]:
         return [await self.status(p) for p in await self.pool_names()]
@@ -240,6 +247,7 @@ class PoolSnapshot(msgspec.Struct, kw_only=True):
     drains: dict[str, int] = {}  # replica id -> pid an operator asked to drain
     replicas: list[ReplicaInfo]
     now: float
+    traffic: dict[str, Traffic] | None = None  # per deployment, when asked for
 
     def desired(self, deployment: str) -> int:
         return effective_desired(self.base[deployment], self.config, self.last_request_at, self.now)
@@ -277,6 +285,7 @@ class PoolSnapshot(msgspec.Struct, kw_only=True):
             starting=sum(r.status == "starting" for r in mine),
             draining=sum(r.status == "draining" for r in mine),
             unhealthy=sum(r.status == "unhealthy" for r in mine),
+            recent=self.traffic.get(name) if self.traffic is not None else None,
         )
 
 
@@ -290,7 +299,7 @@ def _health(deps: list[DeploymentStatus], is_asleep: bool) -> PoolHealth:
     return "unhealthy" if sum(d.ready for d in deps) == 0 else "degraded"
 
 
-class DeploymentStatus(msgspec.Struct, kw_only=True):
+class DeploymentStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     agent_type: str
     weight: int
@@ -301,6 +310,9 @@ class DeploymentStatus(msgspec.Struct, kw_only=True):
     starting: int
     draining: int
     unhealthy: int
+    # what its replicas answered over the last window_s: requests, measured share, latency, errors,
+    # tokens (GET /v1/pools/{pool} and `agentpool status POOL`; left out of the pool lists)
+    recent: Traffic | None = None
 
 
 class ReplicaView(msgspec.Struct, kw_only=True):

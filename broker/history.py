@@ -9,6 +9,11 @@ pool is saturated, 429 over a rate limit). One bucket is one hash, ``hist:{pool}
     tok  tokens in + out                                 r503 / r429   refused
     l{i} requests whose latency fell in bucket i of :data:`LATENCY_BOUNDS_MS`
 
+and the same per deployment, for an A/B's arms: ``@{deployment}:n``, ``:e``, ``:ti`` / ``:to``
+(tokens in, out) and ``:l{i}``. The ``@`` keeps them apart from the pool's fields (a deployment
+name never holds one), so a reader that knows only those ignores them. :func:`traffic` sums a
+pool's last :data:`RECENT_S` per deployment, for ``GET /v1/pools/{pool}``.
+
 ``HINCRBY`` from any number of processes adds up exactly; each hash expires a little after the
 window, so the history cleans itself up. Percentiles come from the merged latency buckets (their
 bounds are 25 % apart, so a percentile is within that of the truth); they are not averages of
@@ -25,11 +30,13 @@ from typing import cast
 import msgspec
 import redis.asyncio as aredis
 
+from agentpool.shared.messages import Usage
 from agentpool.shared.names import Names
 
 BUCKET_S = 5
 WINDOW_S = 15 * 60
 KEEP_S = WINDOW_S + 60
+RECENT_S = 5 * 60  # the window of the per-deployment figures in the pool status
 # 1 ms .. ~10 min, each bound 25 % above the one before
 LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(round(1.25**i, 3) for i in range(61))
 
@@ -57,14 +64,31 @@ class Recorder:
             found = self._pending[key] = Counter()
         return found
 
-    def ended(self, pool: str, latency_ms: float, error: bool, tokens: int, at: float | None = None) -> None:
+    def ended(
+        self,
+        pool: str,
+        deployment: str,
+        latency_ms: float,
+        error: bool,
+        usage: Usage | None = None,
+        at: float | None = None,
+    ) -> None:
+        """A request of ``pool`` answered (or failed, or paused) by a replica of ``deployment``."""
         c = self._counts(pool, at)
+        tokens_in, tokens_out = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
+        lat = f"l{latency_index(latency_ms)}"
+        d = f"@{deployment}:"
         c["n"] += 1
+        c[d + "n"] += 1
+        c[lat] += 1
+        c[d + lat] += 1
         if error:
             c["e"] += 1
-        if tokens:
-            c["tok"] += tokens
-        c[f"l{latency_index(latency_ms)}"] += 1
+            c[d + "e"] += 1
+        if tokens_in or tokens_out:
+            c["tok"] += tokens_in + tokens_out
+            c[d + "ti"] += tokens_in
+            c[d + "to"] += tokens_out
 
     def refused(self, pool: str, status: int, at: float | None = None) -> None:
         """A request of ``pool`` refused with 503 (saturated) or 429 (rate limit)."""
@@ -147,3 +171,54 @@ async def read(
         rows = res[i * len(buckets) : (i + 1) * len(buckets)]
         out[pool] = [point(b, raw, now) for b, raw in zip(buckets, rows, strict=True)]
     return out
+
+
+class Traffic(msgspec.Struct, kw_only=True):
+    """One deployment's requests over the pool's last ``window_s``, as its replicas counted them."""
+
+    window_s: int
+    requests: int  # ended: answered, failed or paused
+    share: float  # its requests / the pool's (every deployment's), 0..1: the split as measured
+    errors: int
+    error_rate: float  # errors / requests, 0..1
+    p50_ms: float  # latency percentiles, each the upper bound of its bucket (within 25 %)
+    p99_ms: float
+    input_tokens: int
+    output_tokens: int
+
+
+def recent_buckets(now: float, window_s: int = RECENT_S) -> list[int]:
+    """The buckets of the last ``window_s``, the one in progress included, oldest first."""
+    last = bucket_of(now)
+    return list(range(last - window_s + BUCKET_S, last + BUCKET_S, BUCKET_S))
+
+
+def traffic(
+    rows: list[dict[bytes, bytes]], deployments: list[str], window_s: int = RECENT_S
+) -> dict[str, Traffic]:
+    """Per deployment, its counts summed over ``rows`` (the HGETALLs of :func:`recent_buckets`)."""
+    per: dict[str, Counter[str]] = {}
+    for raw in rows:
+        for k, v in raw.items():
+            field = k.decode()
+            if field.startswith("@"):
+                dep, _, name = field[1:].partition(":")
+                per.setdefault(dep, Counter())[name] += int(v)
+    total = sum(c["n"] for c in per.values())
+    return {d: _traffic(per.get(d, Counter()), total, window_s) for d in deployments}
+
+
+def _traffic(c: Counter[str], pool_requests: int, window_s: int) -> Traffic:
+    n = c["n"]
+    lat = sorted((int(k[1:]), v) for k, v in c.items() if k.startswith("l"))
+    return Traffic(
+        window_s=window_s,
+        requests=n,
+        share=round(n / pool_requests, 4) if pool_requests else 0.0,
+        errors=c["e"],
+        error_rate=round(c["e"] / n, 4) if n else 0.0,
+        p50_ms=_percentile(lat, 0.50),
+        p99_ms=_percentile(lat, 0.99),
+        input_tokens=c["ti"],
+        output_tokens=c["to"],
+    )

@@ -140,17 +140,27 @@ class Router:
         return self._bounded(pool, order, pool.strategy)
 
     def _tiers(self, pool: Pool, order: list[str], by_id: dict[str, ReplicaInfo]) -> list[tuple[str, str]]:
-        """The sticky strategy: the thread's replica, spill in its hash order, then overflow."""
+        """The sticky strategy: the thread's replica, spill in its hash order, then overflow to the
+        least loaded; all within the thread's deployment while it has room below ``max_depth``,
+        so an A/B arm keeps its threads under load too, and only then the other deployments'."""
         if self.strategy == "hash":  # no depth estimates: the thread's hash order, broker-bounded
             return [(rid, "sticky" if i == 0 else "spill") for i, rid in enumerate(order)]
+        if not order:
+            return []
         depth = {rid: self.depth(by_id[rid]) for rid in order}
         sticky, max_depth = pool.limits.sticky_depth, pool.limits.max_depth
+        home = by_id[order[0]].deployment
+        own = [rid for rid in order if by_id[rid].deployment == home]
         plan: list[tuple[str, str]] = []
-        if order and depth[order[0]] < sticky:
-            plan.append((order[0], "sticky"))
-        plan += [(rid, "spill") for rid in order[1:] if depth[rid] < sticky]
-        rest = sorted((rid for rid in order if sticky <= depth[rid] < max_depth), key=depth.__getitem__)
+        if depth[own[0]] < sticky:
+            plan.append((own[0], "sticky"))
+        plan += [(rid, "spill") for rid in own[1:] if depth[rid] < sticky]
+        rest = sorted((rid for rid in own if sticky <= depth[rid] < max_depth), key=depth.__getitem__)
         plan += [(rid, "overflow") for rid in rest]
+        away = sorted(
+            (rid for rid in order if rid not in own and depth[rid] < max_depth), key=depth.__getitem__
+        )
+        plan += [(rid, "overflow") for rid in away]
         # Estimates lag (heartbeats are up to a second old); the broker's x-max-length is the truth.
         # So a few replicas estimated full are still tried, least loaded first: a nack moves on.
         full = sorted((rid for rid in order if depth[rid] >= max_depth), key=depth.__getitem__)

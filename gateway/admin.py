@@ -2,7 +2,7 @@
 
     PUT  /v1/pools/{pool}/deployments/{deployment}  {"replicas": N}   scale (supervisors act at once)
     GET  /v1/pools                                   each pool: status, desired vs actual per deployment
-    GET  /v1/pools/{pool}                            the pool and each of its replicas
+    GET  /v1/pools/{pool}                            the pool, its replicas, each deployment's recent traffic
     POST /v1/pools/{pool}/restart                    rolling restart, one replica at a time
     POST /v1/pools/{pool}/agents/{agent_id}/drain    replace one replica: a new one starts, then it drains
     GET  /v1/health                                  pools, healthy pools, active/total requests, latency
@@ -116,8 +116,10 @@ async def list_pools(request: Request, fleet: Fleet, principal: Principal) -> Re
 
 
 async def get_pool(request: Request, fleet: Fleet, principal: Principal) -> Response:
-    """One pool with each of its live replicas."""
-    return JSON(await fleet.status(await _known(fleet, request.path_params["pool"], principal)))
+    """One pool with each of its live replicas, and per deployment what it answered of late
+    (``recent``: requests, measured share, p50/p99, error rate, tokens over ``window_s``)."""
+    pool = await _known(fleet, request.path_params["pool"], principal)
+    return JSON(await fleet.status(pool, traffic=True))
 
 
 async def restart(request: Request, fleet: Fleet, principal: Principal) -> Response:
@@ -161,3 +163,16 @@ ROUTES = [
     Route("/v1/pools/{pool}/agents/{agent_id}/drain", admin(drain), methods=["POST"]),
     Route("/v1/health", admin(health), methods=["GET"]),
 ]
+
+
+async def config_status(request: Request, fleet: Fleet, principal: Principal) -> Response:
+    """The pools config this gateway runs: source (api, redis, file), version, ETag, when it was
+    loaded, and the last refusal (broker/config_source.py). Its reasons can name any tenant's pool,
+    so a key without the ``fleet`` scope sees only that there was one."""
+    status = request.app.state.config_source.status()
+    if status.last_error and not fleet_wide(principal):
+        status = msgspec.structs.replace(status, last_error="refused (a key with the fleet scope sees why)")
+    return JSON(status)
+
+
+ROUTES.append(Route("/v1/config", admin(config_status), methods=["GET"]))  # GET /v1/config

@@ -48,6 +48,7 @@ from agentpool.workers.prompting import Renderer, default_renderer, load_rendere
 from agentpool.workers.providers import build_provider
 from agentpool.workers.replica_metrics import ReplicaMetrics
 from agentpool.workers.tools.base import ToolSourceError
+from agentpool.workers.validation import Validator, load_validator
 
 log = logging.getLogger("agentpool.worker")
 
@@ -78,6 +79,7 @@ class Worker:
         self.replica_id = replica_id(pool, deployment, n)
         self.names = Names(settings.namespace)
         self.renderer: Renderer = default_renderer
+        self.validator: Validator | None = None
         self.amqp = Amqp(settings.amqp_url, channels=1)
         self.redis = connect(settings.redis_url)
         self.store = ReplyStore(self.redis, self.names)
@@ -160,6 +162,7 @@ class Worker:
         t0 = time.monotonic()
         try:
             self.renderer = load_renderer(self.agent_type.prompt_renderer)
+            self.validator = load_validator(self.pool.validator)
             self.agent = await open_agent(
                 self.deployment.agent_type,
                 self.agent_type,
@@ -453,8 +456,13 @@ class Worker:
             self._latency_sum_ms += outcome.latency_ms
             self._recent_ms.append(outcome.latency_ms)
             usage = outcome.extra.get("usage")
-            tokens = usage.input_tokens + usage.output_tokens if isinstance(usage, Usage) else 0
-            self.history.ended(self.pool_name, outcome.latency_ms, outcome.kind == "error", tokens)
+            self.history.ended(
+                self.pool_name,
+                self.deployment.name,
+                outcome.latency_ms,
+                outcome.kind == "error",
+                usage if isinstance(usage, Usage) else None,
+            )
         if outcome.kind == "error":
             self.info.errors += 1
         if self.on_outcome is not None:
