@@ -117,6 +117,7 @@ def _paused(event: Interrupt) -> AskResponse:
         request_id=event.request_id,
         thread_id=event.thread_id,
         agent_id=event.agent_id,
+        deployment=event.deployment,
         content=event.content,
         usage=event.usage,
         timings=Timings(),

@@ -163,6 +163,7 @@ def payload_for(request_id: str, thread_id: str, pool: str, kind: bytes, data: b
             pool=pool,
             status="interrupted",
             agent_id=paused.agent_id,
+            deployment=paused.deployment,
             content=paused.content,
             usage=paused.usage,
             steps=paused.steps,

@@ -182,6 +182,7 @@ class Interrupt(msgspec.Struct, tag="interrupt", kw_only=True):
     thread_id: str
     agent_id: str
     tool_call: ToolCall
+    deployment: str = ""
     content: str = ""  # text streamed before the pause
     usage: Usage = msgspec.field(default_factory=Usage)
     steps: list[StepEvent] = []

@@ -388,6 +388,7 @@ async def _pause(worker: Worker, run: Run, state: LoopState) -> Outcome:
         thread_id=req.thread_id,
         agent_id=worker.replica_id,
         tool_call=state.pending[0],
+        deployment=worker.deployment.name,
         content=paused.content,
         usage=paused.usage,
         steps=paused.steps,
