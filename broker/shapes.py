@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -140,7 +140,11 @@ class Merged:
         self.cancelled: list[Run] = []
         self.expired: list[Run] = []
 
-    async def __aiter__(self) -> AsyncIterator[tuple[int, Entry]]:
+    def __aiter__(self) -> AsyncGenerator[tuple[int, Entry], None]:
+        return self.entries()
+
+    async def entries(self) -> AsyncGenerator[tuple[int, Entry], None]:
+        """Close it when done (``contextlib.aclosing``): closing stops reading the runs' streams."""
         from agentpool.broker.client import KEEPALIVE
 
         queue: asyncio.Queue[tuple[int, Entry | None]] = asyncio.Queue()
@@ -203,14 +207,16 @@ async def fan_out(
     runs = await start_runs(client, pool, content, n, **kwargs)  # type: ignore[arg-type]
     out = FanOutResult(thread_id=runs[0].ticket.thread_id)
     merged = Merged(client, runs, select=select, timeout_s=timeout_s)
-    async for index, (_id, kind, data) in merged:
-        if kind == b"end":
-            out.results.append((index, msgspec.json.decode(data, type=End)))
-        elif kind == b"error":
-            err = msgspec.json.decode(data, type=Error)
-            out.failed.append(
-                RunFailure(run=index, request_id=err.request_id, error_code=err.error_code, error=err.error)
-            )
+    async with contextlib.aclosing(merged.entries()) as entries:
+        async for index, (_id, kind, data) in entries:
+            if kind == b"end":
+                out.results.append((index, msgspec.json.decode(data, type=End)))
+            elif kind == b"error":
+                err = msgspec.json.decode(data, type=Error)
+                failure = RunFailure(
+                    run=index, request_id=err.request_id, error_code=err.error_code, error=err.error
+                )
+                out.failed.append(failure)
     out.cancelled = [(r.index, r.ticket.request_id) for r in merged.cancelled]
     for r in merged.expired:
         out.failed.append(
@@ -313,7 +319,11 @@ class Escalation:
             LevelRun(level=level, pool=pool, status="failed", request_id=rid, error_code=code, error=why)
         )
 
-    async def __aiter__(self) -> AsyncIterator[tuple[str, Entry]]:
+    def __aiter__(self) -> AsyncGenerator[tuple[str, Entry], None]:
+        return self.entries()
+
+    async def entries(self) -> AsyncGenerator[tuple[str, Entry], None]:
+        """Close it when done (``contextlib.aclosing``)."""
         assert self._first is not None, "start() first"
         sub, ticket = self._first
         while True:
@@ -363,19 +373,18 @@ async def ask_group(
     chain = group_levels(client, group, level, escalate)
     esc = Escalation(client, chain, content, **kwargs)  # type: ignore[arg-type]
     await esc.start()
-    async for _level, (_id, kind, data) in esc:
-        if kind == b"end":
-            return msgspec.json.decode(data, type=End), esc.levels
-        if kind == b"interrupt":
-            raise Interrupted(msgspec.json.decode(data, type=Interrupt))
-        if kind == b"error":
-            err = msgspec.json.decode(data, type=Error)
-            raise RequestFailed(
-                err.error,
-                error_code=err.error_code,
-                details={
-                    "request_id": err.request_id,
-                    "levels": [msgspec.to_builtins(lv) for lv in esc.levels],
-                },
-            )
+    async with contextlib.aclosing(esc.entries()) as entries:
+        async for _level, (_id, kind, data) in entries:
+            if kind == b"end":
+                return msgspec.json.decode(data, type=End), esc.levels
+            if kind == b"interrupt":
+                raise Interrupted(msgspec.json.decode(data, type=Interrupt))
+            if kind == b"error":
+                err = msgspec.json.decode(data, type=Error)
+                levels = [msgspec.to_builtins(lv) for lv in esc.levels]
+                raise RequestFailed(
+                    err.error,
+                    error_code=err.error_code,
+                    details={"request_id": err.request_id, "levels": levels},
+                )
     raise RequestFailed("the group ask ended without an answer", error_code="INTERNAL")

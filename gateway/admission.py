@@ -81,9 +81,10 @@ async def admit_group(request: Request) -> tuple[Admitted, GroupAskBody]:
     chain = shapes.group_levels(client, request.path_params["group"], body.level, body.escalate)
     name = chain[0][1]
     pool = pool_for(client, principal, name)
-    if body.escalate and (body.n > 1 or body.webhook_url is not None):
+    if body.escalate and (body.n > 1 or body.webhook_url is not None or idempotency_key(request)):
         raise BadRequest(
-            "escalate works on one run answered in the response: not with n > 1 or webhook_url",
+            "escalate works on one run answered in the response: not with n > 1, webhook_url or an "
+            "Idempotency-Key",
             error_code="VALIDATION_ERROR",
             details={"field": "escalate"},
         )

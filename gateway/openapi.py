@@ -13,6 +13,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from agentpool.broker.config_source import ConfigStatus
 from agentpool.broker.fleet import Health, PoolStatus
 from agentpool.gateway import admin, dashboard, shapes
 from agentpool.gateway import anthropic_compat as an
@@ -53,6 +54,7 @@ _TYPES = [
     PoolStatus,
     Health,
     dashboard.FleetView,
+    ConfigStatus,
 ]  # m.*: SSE event data
 _EVENTS = ("start", "chunk", "restart", "tool_call", "tool_result", "step", "end", "interrupt", "error")
 _EVENT_TYPES = ("Start", "Chunk", "Restart", "ToolCall", "ToolResult", "Step", "End", "Interrupt", "Error")
@@ -577,6 +579,14 @@ def _fleet_paths() -> dict[str, Any]:
         "/v1/fleet": {"get": fleet},
         "/v1/fleet/events": {"get": events},
         "/v1/health": {"get": op("health", "Fleet health of the tenant's pools", "200", _ref("Health"))},
+        "/v1/config": {
+            "get": op(
+                "configStatus",
+                "The pools config this gateway runs: source, version, last refusal",
+                "200",
+                _ref("ConfigStatus"),
+            )
+        },
     }
 
 
@@ -591,7 +601,7 @@ def _paths() -> dict[str, Any]:
             "Ask a group's level (escalate: one level up when a run fails or its answer is rejected)",
             "group",
             "GroupAskBody",
-            ("GroupAnswer", "FanOutResponse"),
+            ("AskResponse", "GroupAnswer", "FanOutResponse"),
         ),
         "/v1/groups/{group}": {
             "get": {

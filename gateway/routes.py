@@ -75,8 +75,8 @@ async def _reply(
     except RequestFailed as e:
         e.status = status_for_code(e.error_code)
         raise
-    except Interrupted as paused:
-        return JSON(_paused(paused.interrupt), headers=headers)
+    except Interrupted as waiting:
+        return JSON(paused(waiting.interrupt), headers=headers)
     return JSON(_answer(end), headers=headers)
 
 
@@ -112,7 +112,7 @@ def _answer(end: End) -> AskResponse:
     )
 
 
-def _paused(event: Interrupt) -> AskResponse:
+def paused(event: Interrupt) -> AskResponse:
     return AskResponse(
         request_id=event.request_id,
         thread_id=event.thread_id,
@@ -188,7 +188,7 @@ async def get_request(request: Request) -> Response:
         if fields[b"t"] == b"end":
             return JSON(_answer(msgspec.json.decode(fields[b"d"], type=End)))
         if fields[b"t"] == b"interrupt":
-            return JSON(_paused(msgspec.json.decode(fields[b"d"], type=Interrupt)))
+            return JSON(paused(msgspec.json.decode(fields[b"d"], type=Interrupt)))
         if fields[b"t"] == b"error":
             err = msgspec.json.decode(fields[b"d"], type=Error)
             failed = RequestFailed(err.error, error_code=err.error_code, details={"request_id": rid})

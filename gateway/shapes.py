@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import msgspec
@@ -38,7 +38,7 @@ from agentpool.gateway.schemas import (
 from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS
 from agentpool.shared import metrics
 from agentpool.shared.errors import BadRequest, NotFound, RequestFailed, status_for_code
-from agentpool.shared.messages import EVENT_ENCODER, FINAL_TYPES, End
+from agentpool.shared.messages import EVENT_ENCODER, FINAL_TYPES, End, Error, Interrupt
 
 _background: set[asyncio.Task[Any]] = set()
 
@@ -94,10 +94,14 @@ async def fan_out(request: Request, a: Admitted) -> Response:
             seed=body.seed,
             **_run_kwargs(request, a),
         )
-        pipe = client.redis.pipeline(transaction=False)
-        for r in runs:
-            pipe.set(client.names.owner(r.ticket.request_id), a.principal.tenant, ex=REPLY_TTL_S)
-        await pipe.execute()
+        try:  # the runs are the caller's tenant's (GET /v1/requests/{id} of each)
+            pipe = client.redis.pipeline(transaction=False)
+            for r in runs:
+                pipe.set(client.names.owner(r.ticket.request_id), a.principal.tenant, ex=REPLY_TTL_S)
+            await pipe.execute()
+        except BaseException:
+            await shapes.withdraw(client, runs)
+            raise
     headers = {
         "X-Thread-ID": runs[0].ticket.thread_id,
         "X-Request-IDs": ",".join(r.ticket.request_id for r in runs),
@@ -118,26 +122,24 @@ async def fan_out(request: Request, a: Admitted) -> Response:
     out = FanOutResponse(thread_id=runs[0].ticket.thread_id, results=[], failed=[])
     ended: set[int] = set()
     try:
-        async for index, (_id, kind, data) in merged:
-            if kind in FINAL_TYPES:
-                ended.add(index)
-            if kind == b"end":
-                out.results.append(_run_answer(index, msgspec.json.decode(data, type=End)))
-            elif kind == b"error":
-                err = msgspec.json.decode(data)
-                out.failed.append(
-                    RunFailed(
-                        run=index,
-                        request_id=err["request_id"],
-                        error_code=err["error_code"],
-                        error=err["error"],
-                    )
-                )
+        async with contextlib.aclosing(merged.entries()) as entries:
+            async for index, (_id, kind, data) in entries:
+                if kind in FINAL_TYPES:
+                    ended.add(index)
+                if kind == b"end":
+                    out.results.append(_run_answer(index, msgspec.json.decode(data, type=End)))
+                elif kind == b"error":
+                    out.failed.append(_failure(index, data))
     finally:  # the caller went away mid-way: stop what still runs
         if len(ended) < len(runs) and not (merged.cancelled or merged.expired):
             _cancel_later(client, [r.ticket.request_id for r in runs if r.index not in ended])
     _summarize(out, merged)
     return JSON(out, headers=headers)
+
+
+def _failure(index: int, data: bytes) -> RunFailed:
+    err = msgspec.json.decode(data, type=Error)
+    return RunFailed(run=index, request_id=err.request_id, error_code=err.error_code, error=err.error)
 
 
 def _summarize(out: FanOutResponse, merged: shapes.Merged) -> None:
@@ -176,24 +178,17 @@ async def _fan_frames(client: AgentPoolClient, merged: shapes.Merged) -> AsyncIt
     metrics.sse_streams(1)
     done = False
     try:
-        async for index, entry in merged:
-            if entry is KEEPALIVE:
-                yield b": keep-alive\n\n"
-                continue
-            _id, kind, data = entry
-            yield _frame(kind, _tag(b"run", str(index).encode(), data))
-            if kind in FINAL_TYPES:
-                ended.add(index)
-            if kind == b"error":
-                err = msgspec.json.decode(data)
-                out.failed.append(
-                    RunFailed(
-                        run=index,
-                        request_id=err["request_id"],
-                        error_code=err["error_code"],
-                        error=err["error"],
-                    )
-                )
+        async with contextlib.aclosing(merged.entries()) as entries:
+            async for index, entry in entries:
+                if entry is KEEPALIVE:
+                    yield b": keep-alive\n\n"
+                    continue
+                _id, kind, data = entry
+                yield _frame(kind, _tag(b"run", str(index).encode(), data))
+                if kind in FINAL_TYPES:
+                    ended.add(index)
+                if kind == b"error":
+                    out.failed.append(_failure(index, data))
         _summarize(out, merged)
         summary = {
             "thread_id": out.thread_id,
@@ -220,6 +215,8 @@ async def group_ask(request: Request) -> Response:
     group = request.path_params["group"]
     if body.n > 1:
         return await fan_out(request, a)
+    if not body.escalate:  # an ask of the level's pool, as POST /v1/ask/{pool} answers it
+        return await routes.answer(request, a)
     chain = shapes.group_levels(client, group, body.level, body.escalate)
     chain = [(lv, p) for lv, p in chain if _visible(client, p, a.principal.tenant)]
     stream = body.stream or wants_sse(request)
@@ -241,54 +238,53 @@ async def group_ask(request: Request) -> Response:
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
-    async for level, (_id, kind, data) in _owned(client, esc, a.principal.tenant):
-        if kind == b"end":
-            end = msgspec.json.decode(data, type=End)
-            return JSON(_group_answer(group, level, end, esc.levels), headers=headers)
-        if kind == b"error":
-            err = msgspec.json.decode(data)
-            failed = RequestFailed(
-                err["error"],
-                error_code=err["error_code"],
-                details={"request_id": err["request_id"], "levels": _levels(esc.levels)},
-            )
-            failed.status = status_for_code(err["error_code"])
-            raise failed
-        if kind == b"interrupt":
-            raise BadRequest(
-                "the level's run paused for approval; resume it with POST /v1/requests/{id}/resume",
-                error_code="INTERRUPTED",
-                details={"request_id": msgspec.json.decode(data)["request_id"]},
-            )
+    async with contextlib.aclosing(_owned(client, esc, a.principal.tenant)) as entries:
+        async for level, (_id, kind, data) in entries:
+            if kind == b"end":
+                end = msgspec.json.decode(data, type=End)
+                return JSON(_group_answer(group, level, end, esc.levels), headers=headers)
+            if kind == b"interrupt":  # the level's run waits for approval: resume it by its id
+                return JSON(routes.paused(msgspec.json.decode(data, type=Interrupt)), headers=headers)
+            if kind == b"error":
+                err = msgspec.json.decode(data, type=Error)
+                failed = RequestFailed(
+                    err.error,
+                    error_code=err.error_code,
+                    details={"request_id": err.request_id, "levels": _levels(esc.levels)},
+                )
+                failed.status = status_for_code(err.error_code)
+                raise failed
     raise RequestFailed("the group ask ended without an answer", error_code="INTERNAL")
 
 
 async def _owned(
     client: AgentPoolClient, esc: shapes.Escalation, tenant: str
-) -> AsyncIterator[tuple[str, shapes.Entry]]:
+) -> AsyncGenerator[tuple[str, shapes.Entry], None]:
     """The escalation's entries; each level's request is recorded as the tenant's as it starts."""
     seen = esc.current.request_id if esc.current else ""
-    async for level, entry in esc:
-        if esc.current is not None and esc.current.request_id != seen:
-            seen = esc.current.request_id
-            await client.redis.set(client.names.owner(seen), tenant, ex=REPLY_TTL_S)
-        yield level, entry
+    async with contextlib.aclosing(esc.entries()) as entries:
+        async for level, entry in entries:
+            if esc.current is not None and esc.current.request_id != seen:
+                seen = esc.current.request_id
+                await client.redis.set(client.names.owner(seen), tenant, ex=REPLY_TTL_S)
+            yield level, entry
 
 
 async def _group_frames(client: AgentPoolClient, esc: shapes.Escalation, tenant: str) -> AsyncIterator[bytes]:
     metrics.sse_streams(1)
     finished = False
     try:
-        async for level, entry in _owned(client, esc, tenant):
-            if entry is KEEPALIVE:
-                yield b": keep-alive\n\n"
-                continue
-            entry_id, kind, data = entry
-            tagged = _tag(b"level", EVENT_ENCODER.encode(level), data)
-            if kind == b"end":
-                tagged = _tag(b"levels", EVENT_ENCODER.encode(_levels(esc.levels)), tagged)
-            yield (b"id: " + entry_id + b"\n" if entry_id else b"") + _frame(kind, tagged)
-            finished = kind in FINAL_TYPES
+        async with contextlib.aclosing(_owned(client, esc, tenant)) as entries:
+            async for level, entry in entries:
+                if entry is KEEPALIVE:
+                    yield b": keep-alive\n\n"
+                    continue
+                entry_id, kind, data = entry
+                tagged = _tag(b"level", EVENT_ENCODER.encode(level), data)
+                if kind == b"end":
+                    tagged = _tag(b"levels", EVENT_ENCODER.encode(_levels(esc.levels)), tagged)
+                yield (b"id: " + entry_id + b"\n" if entry_id else b"") + _frame(kind, tagged)
+                finished = kind in FINAL_TYPES
     finally:
         metrics.sse_streams(-1)
         if not finished and esc.current is not None:

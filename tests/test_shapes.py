@@ -272,10 +272,17 @@ async def test_escalation_goes_one_level_up_when_a_level_fails(
     ]
     assert body["levels"][0]["error_code"].startswith("PROVIDER")
 
-    # without escalate the failure is the answer
+    # without escalate it is an ask of the level's pool: its failure is the answer
     (await fake.post("/_fake/faults", json={"faults": ["500"]})).raise_for_status()
     r = await http.post("/v1/groups/sql/ask", json={"content": "top customers", "level": "basic"})
-    assert r.status_code == 502 and r.json()["details"]["levels"][0]["level"] == "basic"
+    assert r.status_code == 502 and r.json()["error_code"].startswith("PROVIDER"), r.text
+    # every level failing: the last failure is the answer, with every level that ran
+    (await fake.post("/_fake/faults", json={"faults": ["500", "500"]})).raise_for_status()
+    r = await http.post(
+        "/v1/groups/sql/ask", json={"content": "top customers", "level": "basic", "escalate": True}
+    )
+    assert r.status_code == 502, r.text
+    assert [lv["level"] for lv in r.json()["details"]["levels"]] == ["basic", "advanced"]
 
 
 async def test_escalation_on_a_rejected_answer_leaves_no_trace_of_it(
