@@ -439,7 +439,7 @@ def _shaped_errors(schema: dict[str, Any], *statuses: int) -> dict[str, Any]:
 
 
 def _compat(
-    op: str, summary: str, body: str, answer: dict[str, Any], errors: dict[str, Any]
+    op: str, summary: str, body: str, answer: dict[str, Any], errors: dict[str, Any], example: dict[str, Any]
 ) -> dict[str, Any]:
     headers = {
         "X-Request-ID": {"schema": _STR},
@@ -451,7 +451,10 @@ def _compat(
             "operationId": op,
             "summary": summary,
             "parameters": [_THREAD_HEADER],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(body), "example": example}},
+            },
             "responses": {
                 "200": {
                     "description": "The answer, or with stream: true its events (SSE)",
@@ -490,6 +493,7 @@ def _compat_paths() -> dict[str, Any]:
             "ChatCompletionBody",
             _COMPLETION,
             _shaped_errors(_OA_ERROR, *statuses),
+            {"model": "support", "messages": [{"role": "user", "content": "Hello"}]},
         ),
         "/v1/messages": _compat(
             "messages",
@@ -497,6 +501,7 @@ def _compat_paths() -> dict[str, Any]:
             "MessagesBody",
             _MESSAGE,
             _shaped_errors(_AN_ERROR, *statuses),
+            {"model": "support", "max_tokens": 256, "messages": [{"role": "user", "content": "Hello"}]},
         ),
         "/v1/models": _models("listModels", "The pools this key may use, as models", _MODELS, []),
         "/v1/models/{model}": _models(

@@ -51,6 +51,8 @@ def _fuzzable(doc: dict[str, Any]) -> dict[str, Any]:
     doc["paths"].pop("/v1/fleet/events")  # endless by design: each call would wait out its timeout
     for body in ("ChatCompletionBody", "MessagesBody"):  # model names the pool: the real one, mostly
         doc["components"]["schemas"][body]["properties"]["model"] = {"enum": ["pa", "nope"]}
+    for path in ("/v1/chat/completions", "/v1/messages"):  # the documented example, on the real pool
+        doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]["model"] = "pa"
     return doc
 
 
