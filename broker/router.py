@@ -130,14 +130,15 @@ class Router:
             return self._tiers(pool, order, {r.id: r for r in members})
         by_dep = _by_deployment(members)
         deps = _deployment_order(pool, by_dep, thread_id)
+        depth = {r.id: self.depth(r) for r in members}  # once per plan, this pool's replicas only
         if pool.strategy in ("round_robin", "random", "least_loaded"):
             # round_robin advances per call, so a fan-out's runs are dealt in turn without rotating
-            order = [rid for d in deps for rid in self._order(pool_name, pool.strategy, by_dep[d])]
+            order = [rid for d in deps for rid in self._order(pool_name, pool.strategy, by_dep[d], depth)]
             if pool.strategy != "round_robin":
                 order = _rotate(order, run)
         else:
-            order = _rotate(self._custom(pool, [r for d in deps for r in by_dep[d]], request), run)
-        return self._bounded(pool, order, pool.strategy)
+            order = _rotate(self._custom(pool, [r for d in deps for r in by_dep[d]], request, depth), run)
+        return _bounded(pool, order, pool.strategy, depth)
 
     def _tiers(self, pool: Pool, order: list[str], by_id: dict[str, ReplicaInfo]) -> list[tuple[str, str]]:
         """The sticky strategy: the thread's replica, spill in its hash order, then overflow to the
@@ -167,7 +168,9 @@ class Router:
         plan += [(rid, "overflow") for rid in full[:BLIND_TRIES]]
         return plan
 
-    def _order(self, pool_name: str, strategy: str, replicas: list[ReplicaInfo]) -> list[str]:
+    def _order(
+        self, pool_name: str, strategy: str, replicas: list[ReplicaInfo], depth: dict[str, int]
+    ) -> list[str]:
         """One deployment's replicas in a built-in strategy's order."""
         if strategy == "round_robin":
             # A counter per process and deployment, from a random start: each process deals
@@ -185,17 +188,18 @@ class Router:
             return ids
         # least_loaded: the lowest depth estimate, ties by latency (p50 of its latest requests)
         return [
-            r.id
-            for r in sorted(replicas, key=lambda r: (self.depth(r), r.p50_latency_ms or r.avg_latency_ms))
+            r.id for r in sorted(replicas, key=lambda r: (depth[r.id], r.p50_latency_ms or r.avg_latency_ms))
         ]
 
-    def _custom(self, pool: Pool, replicas: list[ReplicaInfo], request: Request | None) -> list[str]:
+    def _custom(
+        self, pool: Pool, replicas: list[ReplicaInfo], request: Request | None, depth: dict[str, int]
+    ) -> list[str]:
         """A ``module:callable`` strategy's order; a strategy that fails falls back to sticky's."""
         candidates = [
             Candidate(
                 id=r.id,
                 deployment=r.deployment,
-                depth=self.depth(r),
+                depth=depth[r.id],
                 latency_ms=r.p50_latency_ms or r.avg_latency_ms,
                 in_flight=r.in_flight,
                 processed=r.processed,
@@ -214,16 +218,6 @@ class Router:
                 log.exception("strategy %s failed; routing by the thread's hash instead", pool.strategy)
             self._failed.add(pool.strategy)
             return [r.id for r in replicas]
-
-    def _bounded(self, pool: Pool, order: list[str], tier: str) -> list[tuple[str, str]]:
-        """A strategy's order within the admission bound: replicas estimated below ``max_depth`` in
-        that order, then a few estimated full (least loaded first) for the broker to decide."""
-        by_id = {r.id: r for members in self._members.values() for r in members}
-        depth = {rid: self.depth(by_id[rid]) for rid in order if rid in by_id}
-        max_depth = pool.limits.max_depth
-        plan = [(rid, tier) for rid in order if depth.get(rid, max_depth) < max_depth]
-        full = sorted((rid for rid in depth if depth[rid] >= max_depth), key=depth.__getitem__)
-        return plan + [(rid, "overflow") for rid in full[:BLIND_TRIES]]
 
     def sticky_replica(self, pool_name: str, pool: Pool, thread_id: str) -> str | None:
         order = self._sticky_order(pool, self._members.get(pool_name, []), thread_id)
@@ -252,6 +246,15 @@ class Router:
         if load is not None and load.outstanding > 0:
             load.outstanding -= 1
             load.ended.append(time.time())
+
+
+def _bounded(pool: Pool, order: list[str], tier: str, depth: dict[str, int]) -> list[tuple[str, str]]:
+    """A strategy's order within the admission bound: replicas estimated below ``max_depth`` in
+    that order, then a few estimated full (least loaded first) for the broker to decide."""
+    max_depth = pool.limits.max_depth
+    plan = [(rid, tier) for rid in order if depth[rid] < max_depth]
+    full = sorted((rid for rid in order if depth[rid] >= max_depth), key=depth.__getitem__)
+    return plan + [(rid, "overflow") for rid in full[:BLIND_TRIES]]
 
 
 def _by_deployment(members: list[ReplicaInfo]) -> dict[str, list[ReplicaInfo]]:
