@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agentpool import keys_cmd
 
 if TYPE_CHECKING:
+    from agentpool.broker.config_source import ConfigSource
     from agentpool.shared.config import Config
     from agentpool.shared.settings import Settings
 
@@ -105,7 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("pool", nargs="*", help="these pools (default: every pool that wants replicas now)")
     wt.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
 
-    sub.add_parser("check", help="probe RabbitMQ and Redis and the pools file; exit 0 if all are fine")
+    sub.add_parser(
+        "check", help="probe RabbitMQ and Redis and the pools file (or config API); exit 0 if all are fine"
+    )
+    sub.add_parser(
+        "reload",
+        help="check the config, then have every gateway and supervisor re-read theirs now "
+        "(the pools file, or a poll of AGENTPOOL_CONFIG_URL)",
+    )
     keys_cmd.add_parser(sub)
     return p
 
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataclasses import replace
 
-    from agentpool.shared.config import load_config
+    from agentpool.shared import metrics
     from agentpool.shared.errors import AgentPoolError, ConfigError, Unavailable
     from agentpool.shared.logs import setup_logging
     from agentpool.shared.settings import Settings
@@ -167,24 +175,24 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, config_path=args.config)
         if args.command == "dev" and not os.environ.get("AGENTPOOL_AUTH"):
             settings = replace(settings, auth="open")  # dev serves callers without a key, says so
-        config = load_config(settings.config_path)
+        setup_logging("text" if args.command == "dev" else settings.log_format, settings.log_level)
+        metrics.configure(settings.metrics)
+        source = _config_source(settings)  # the config API's, Redis's last good one, or the file
+        config = source.config
     except ConfigError as e:
         print(f"agentpool: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging("text" if args.command == "dev" else settings.log_format, settings.log_level)
-    from agentpool.shared import metrics
-
-    metrics.configure(settings.metrics)
     commands: dict[str, Callable[[], int]] = {
-        "dev": lambda: _dev(settings, config, args.host, args.port, args.metrics_port),
-        "gateway": lambda: _gateway(settings, config, args.host, args.port),
+        "dev": lambda: _dev(settings, source, args.host, args.port, args.metrics_port),
+        "gateway": lambda: _gateway(settings, source, args.host, args.port),
         "worker": lambda: _worker(settings, config, args),
         "workers": lambda: _workers(
-            settings, config, args.pool, args.metrics_port, args.standby, args.metrics_host
+            settings, source, args.pool, args.metrics_port, args.standby, args.metrics_host
         ),
         "scale": lambda: _scale(settings, config, args.pool, args.deployment, args.replicas),
-        "check": lambda: _check(settings),
-        "status": lambda: _status(settings, config, args.pool),
+        "check": lambda: _check(settings, source),
+        "reload": lambda: _reload(settings, source),
+        "status": lambda: _status(settings, source, args.pool),
         "wait": lambda: _wait(settings, config, args.pool, args.timeout),
         "keys": lambda: keys_cmd.run(settings, config, args),
     }
@@ -204,6 +212,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _config_source(settings: Settings) -> ConfigSource:
+    """The config to start from (broker/config_source.py): the pools file, or with a config URL its
+    document, else the last good one Redis keeps, else the file."""
+    from agentpool.broker.config_source import ConfigSource
+
+    source = ConfigSource(settings)
+    if settings.config_url is None:
+        source.load_file()
+    else:
+        asyncio.run(source.initial())
+    return source
 
 
 def _how_to_start(service: str) -> str:
@@ -250,8 +271,13 @@ async def _probe(settings: Settings) -> list[str]:
     return problems
 
 
-def _check(settings: Settings) -> int:
+def _check(settings: Settings, source: ConfigSource) -> int:
     problems = asyncio.run(_probe(settings))
+    refused = source.status().last_error
+    if refused:
+        problems.append(
+            f"the config API's document was refused, running from {source.status().source}: {refused}"
+        )
     for p in problems:
         print(f"agentpool: {p}", file=sys.stderr)
     if not problems:
@@ -288,7 +314,7 @@ def _busy(host: str, port: int, flag: str) -> bool:
 
 def _workers(
     settings: Settings,
-    config: Config,
+    source: ConfigSource,
     pools: list[str] | None,
     metrics_port: int | None,
     standby: bool,
@@ -296,6 +322,7 @@ def _workers(
 ) -> int:
     import uvloop
 
+    from agentpool.broker.config_source import reload_on_sighup
     from agentpool.workers.fleet_metrics import FleetMetrics
     from agentpool.workers.main import install_stop_signals
     from agentpool.workers.supervisor import Supervisor
@@ -306,13 +333,15 @@ def _workers(
     async def run() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
+        reload_on_sighup(source)
         # metrics_port: one endpoint summing every worker
         sup = Supervisor(
             settings,
-            config,
+            source.config,
             pools=pools,
             metrics=FleetMetrics(metrics_port, addr=metrics_host) if metrics_port is not None else None,
             standby=standby,
+            source=source,
         )
         await sup.async_run(stop)
 
@@ -320,15 +349,15 @@ def _workers(
     return EXIT_OK
 
 
-def _gateway(settings: Settings, config: Config, host: str, port: int) -> int:
+def _gateway(settings: Settings, source: ConfigSource, host: str, port: int) -> int:
     from agentpool.gateway.server import run_gateway
 
     if _busy(host, port, "--port"):
         return EXIT_PORT_IN_USE
-    return run_gateway(settings, config, host, port)
+    return run_gateway(settings, source.config, host, port, source=source)  # SIGHUP: reload
 
 
-def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port: int) -> int:
+def _dev(settings: Settings, source: ConfigSource, host: str, port: int, metrics_port: int) -> int:
     """Workers (supervised) and the gateway in one command; Ctrl-C stops all of it cleanly.
 
     Everything that could clash with a running instance is checked before anything is touched:
@@ -337,6 +366,7 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     """
     import uvloop
 
+    from agentpool.broker.config_source import reload_on_sighup
     from agentpool.gateway.server import server
     from agentpool.workers.fleet_metrics import FleetMetrics
     from agentpool.workers.main import install_stop_signals
@@ -360,14 +390,17 @@ def _dev(settings: Settings, config: Config, host: str, port: int, metrics_port:
     async def run() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
+        gateway_source = source.fork()  # the gateway and the supervisor each apply a new config
+        reload_on_sighup(source, gateway_source)
         sup = Supervisor(
             settings,
-            config,
+            source.config,
             env={"AGENTPOOL_LOG_FORMAT": "text"},
             metrics=FleetMetrics(metrics_port, addr=host),  # the workers' /metrics, on dev's host
+            source=source,
         )
         sup_task = asyncio.create_task(sup.async_run(stop))
-        srv = server(settings, config, host, port, embedded=True)
+        srv = server(settings, None, host, port, embedded=True, source=gateway_source)
         srv_task = asyncio.create_task(srv.serve())
         await stop.wait()  # Ctrl-C / SIGTERM; a second one exits at once
         srv.should_exit = True
@@ -418,8 +451,57 @@ def _scale(settings: Settings, config: Config, pool: str, deployment: str, repli
     return EXIT_OK
 
 
-def _status(settings: Settings, config: Config, pool: str | None) -> int:
+def _status(settings: Settings, source: ConfigSource, pool: str | None) -> int:
     from agentpool.status import render
 
-    print(asyncio.run(render(settings, config, pool)))
+    print(asyncio.run(render(settings, source.config, pool)))
+    if pool is None:
+        print("\n" + asyncio.run(_config_line(settings, source)))
+    return EXIT_OK
+
+
+async def _config_line(settings: Settings, source: ConfigSource) -> str:
+    """Which config this command found (as a process starting now would), and Redis's last good one."""
+    import time
+
+    from agentpool.broker.config_source import last_good, status_line
+    from agentpool.broker.redis_conn import connect, translated
+    from agentpool.shared.names import Names
+
+    r = connect(settings.redis_url)
+    try:
+        with translated(settings.redis_url):
+            stored = await last_good(r, Names(settings.namespace))
+    finally:
+        await r.aclose()
+    return status_line(source.status(), stored, time.time())
+
+
+def _reload(settings: Settings, source: ConfigSource) -> int:
+    """Have every gateway and supervisor of the namespace re-read its config (poll the config API, or
+    re-read its pools file). Refused here first when the config this command finds is invalid."""
+    from agentpool.broker.config_source import request_reload
+    from agentpool.broker.redis_conn import connect, translated
+    from agentpool.shared.names import Names
+
+    status = source.status()
+    if status.last_error:
+        print(f"agentpool: {status.last_error}; nothing reloaded", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> int:
+        r = connect(settings.redis_url)
+        try:
+            with translated(settings.redis_url):
+                return await request_reload(r, Names(settings.namespace))
+        finally:
+            await r.aclose()
+
+    heard = asyncio.run(run())
+    where = status.url if status.source == "api" else status.path
+    print(
+        f"config {status.version} from {where} is valid; {heard} gateway/supervisor process(es) of "
+        f"namespace {settings.namespace!r} asked to re-read theirs (each refuses an invalid one and "
+        "keeps what it runs: see GET /v1/config)"
+    )
     return EXIT_OK

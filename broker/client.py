@@ -183,6 +183,18 @@ class AgentPoolClient:
             self.router.update(name, await self.registry.replicas(name))
             metrics.pool_ready(name, len(self.router.members(name)))
 
+    async def apply_config(self, config: Config) -> None:
+        """Serve ``config`` from now on (a config API's new document, a reloaded file): the queues of
+        its new pools are declared before any request can be routed to them."""
+        new = set(tenants.static_pools(config)) - set(tenants.static_pools(self.config))
+        if new:
+            ch = await self.amqp.channel()
+            for name in sorted(new):
+                await topology.declare_pool(ch, self.names, name)
+            await ch.close()
+        self.config = self.fleet.config = self.fleet.tenants.config = config
+        await self.refresh_membership()
+
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(MEMBERSHIP_REFRESH_S)

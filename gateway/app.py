@@ -1,9 +1,17 @@
-"""The ASGI app: ``create_app()`` wires routes, error handling and the client's lifespan."""
+"""The ASGI app: ``create_app()`` wires routes, error handling and the client's lifespan.
+
+The config can change while the gateway runs (broker/config_source.py: a config API it polls,
+``agentpool reload``, SIGHUP): :func:`_apply` swaps it in. Pools, deployments, routing, limits, rate
+limits and webhook URL rules follow at once; bootstrap ``api_keys`` and the webhook secret are read
+from the environment at start, so changes to them apply when the gateway restarts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 from collections.abc import AsyncIterator
 
 import redis.exceptions
@@ -14,25 +22,40 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from agentpool.broker.client import AgentPoolClient
+from agentpool.broker.config_source import ConfigSource
 from agentpool.broker.redis_conn import redis_unavailable
 from agentpool.gateway import admin, anthropic_compat, dashboard, external, openai_compat, routes, shapes
 from agentpool.gateway.http import error_response, on_client_gone
-from agentpool.shared.config import Config, load_config
+from agentpool.shared.config import Config
 from agentpool.shared.errors import AgentPoolError, BadRequest, NotFound
 from agentpool.shared.settings import Settings
 
+log = logging.getLogger("agentpool.gateway")
 
-def create_app(settings: Settings | None = None, config: Config | None = None) -> Starlette:
+
+def create_app(
+    settings: Settings | None = None, config: Config | None = None, source: ConfigSource | None = None
+) -> Starlette:
+    """The gateway, on ``source``'s config (see broker/config_source.py), else ``config``, else the
+    pools file; with a config URL and neither, the config is fetched as the app starts."""
     settings = settings or Settings.from_env()
-    config = config or load_config(settings.config_path)
-    prepared = external.prepare(config)  # env vars named by the pools file
+    source = source or ConfigSource(settings, config)
+    if not source.ready and settings.config_url is None:
+        source.load_file()
+    # env vars named by the pools file: a missing one fails here, at creation, when it can
+    prepared = external.prepare(source.config) if source.ready else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        config = await source.initial()
+        app.state.config = config
         async with AgentPoolClient(settings, config) as client:
             app.state.client = client
             app.state.views = dashboard.Views(client)
-            async with external.lifespan(app, client, settings, prepared):
+            async with (
+                external.lifespan(app, client, settings, prepared or external.prepare(config)),
+                source.running(client.redis, functools.partial(_apply, app)),
+            ):
                 yield
 
     app = Starlette(
@@ -64,9 +87,21 @@ def create_app(settings: Settings | None = None, config: Config | None = None) -
         },
     )
     app.state.settings = settings
-    app.state.config = config
+    app.state.config = source.config if source.ready else None  # the one in force (swapped by _apply)
+    app.state.config_source = source
     app.state.closing = asyncio.Event()  # set when the server begins to stop (gateway/server.py)
     return app
+
+
+async def _apply(app: Starlette, config: Config) -> None:
+    """Serve ``config`` from now on (see the module's docstring for what waits for a restart)."""
+    st = app.state
+    old: Config = st.config
+    await st.client.apply_config(config)
+    st.config = config
+    st.webhooks.config = config.webhooks  # URL rules, timeouts, retries (its connection cap: at restart)
+    if old.api_keys != config.api_keys or old.webhooks.secret_env != config.webhooks.secret_env:
+        log.warning("the config's api_keys or webhooks.secret_env changed: that applies at the next restart")
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 
 import uvicorn
 
+from agentpool.broker.config_source import ConfigSource, reload_on_sighup
 from agentpool.gateway.app import create_app
 from agentpool.gateway.guard import guarded
 from agentpool.shared.config import Config
@@ -21,10 +24,36 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+class GatewayServer(uvicorn.Server):
+    """``agentpool gateway``: uvicorn's SIGINT/SIGTERM handling, and SIGHUP re-reads the config."""
+
+    def __init__(self, config: uvicorn.Config, source: ConfigSource) -> None:
+        super().__init__(config)
+        self.source = source
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+                yield
+                return
+            undo = reload_on_sighup(self.source)
+            try:
+                yield
+            finally:
+                undo()
+
+
 def server(
-    settings: Settings, config: Config, host: str, port: int, *, embedded: bool = False
+    settings: Settings,
+    config: Config | None,
+    host: str,
+    port: int,
+    *,
+    embedded: bool = False,
+    source: ConfigSource | None = None,
 ) -> uvicorn.Server:
-    app = create_app(settings, config)
+    app = create_app(settings, config, source)
     cfg = uvicorn.Config(
         app,
         host=host,
@@ -39,9 +68,13 @@ def server(
         timeout_keep_alive=settings.keepalive_s,
         server_header=False,
     )
-    return (EmbeddedServer if embedded else uvicorn.Server)(cfg)
+    if embedded:
+        return EmbeddedServer(cfg)
+    return GatewayServer(cfg, app.state.config_source)
 
 
-def run_gateway(settings: Settings, config: Config, host: str, port: int) -> int:
-    server(settings, config, host, port).run()
+def run_gateway(
+    settings: Settings, config: Config | None, host: str, port: int, source: ConfigSource | None = None
+) -> int:
+    server(settings, config, host, port, source=source).run()
     return 0

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 from urllib.parse import urlsplit
+
+import msgspec
 
 from agentpool.shared.config import EXAMPLE_CONFIG
 from agentpool.shared.errors import ConfigError
 
 _NAMESPACE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,11 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
     config_path: str = str(EXAMPLE_CONFIG)
+    # The pools config as JSON from a backend API (broker/config_source.py): fetched at start and
+    # polled every config_poll_s; the file above is the fallback when neither it nor Redis has one.
+    config_url: str | None = None
+    config_headers: dict[str, str] = field(default_factory=dict, repr=False)  # e.g. Authorization
+    config_poll_s: float = 10.0
     namespace: str = "ap"  # prefixes every Redis key and RabbitMQ queue/exchange name
     log_format: str = "json"  # json | text
     log_level: str = "INFO"
@@ -50,6 +58,9 @@ class Settings:
             amqp_url=env.get("AGENTPOOL_AMQP_URL") or env.get("AMQP_URL") or s.amqp_url,
             redis_url=env.get("AGENTPOOL_REDIS_URL") or env.get("REDIS_URL") or s.redis_url,
             config_path=env.get("AGENTPOOL_CONFIG") or s.config_path,
+            config_url=env.get("AGENTPOOL_CONFIG_URL", "").strip() or None,
+            config_headers=_headers(env, "AGENTPOOL_CONFIG_HEADERS"),
+            config_poll_s=_number(env, "AGENTPOOL_CONFIG_POLL_S", s.config_poll_s),
             namespace=env.get("AGENTPOOL_NAMESPACE") or s.namespace,
             log_format=env.get("AGENTPOOL_LOG_FORMAT") or s.log_format,
             log_level=(env.get("AGENTPOOL_LOG_LEVEL") or s.log_level).upper(),
@@ -72,6 +83,17 @@ class Settings:
         _within("AGENTPOOL_HEADER_TIMEOUT_S", self.header_timeout_s, 0.1, 300)
         _within("AGENTPOOL_MAX_CONNECTIONS", self.max_connections, 1, 1_000_000)
         _within("AGENTPOOL_KEEPALIVE_S", self.keepalive_s, 1, 3600)
+        if not 0 < self.config_poll_s <= 86400:
+            raise ConfigError(
+                f"AGENTPOOL_CONFIG_POLL_S: expected more than 0 and at most 86400, got {self.config_poll_s}"
+            )
+        if self.config_url is not None:
+            url = urlsplit(self.config_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(
+                    "AGENTPOOL_CONFIG_URL: expected an http:// or https:// URL, "
+                    f"got {redact_url(self.config_url)!r}"
+                )
         if urlsplit(self.amqp_url).scheme not in ("amqp", "amqps"):
             raise ConfigError(f"AGENTPOOL_AMQP_URL: expected amqp:// or amqps://, got {self.amqp_url!r}")
         if urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -118,6 +140,24 @@ def _number(env: Mapping[str, str], name: str, default: _Num) -> _Num:
     except ValueError:
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ConfigError(f"{name}: expected {kind}, got {raw!r}") from None
+
+
+def _headers(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """A JSON object of HTTP header names to values; the value is never echoed (it holds secrets)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        headers = msgspec.json.decode(raw, type=dict[str, str])
+    except msgspec.DecodeError as e:  # ValidationError too: names the key, never the value
+        raise ConfigError(
+            f"{name}: expected a JSON object of header names to values, "
+            f'e.g. {{"Authorization": "Bearer ..."}} ({e})'
+        ) from None
+    bad = [k for k, v in headers.items() if not _HEADER_NAME.match(k) or "\n" in v or "\r" in v]
+    if bad:
+        raise ConfigError(f"{name}: not a valid header name, or a value with a line break: {bad[0]!r}")
+    return headers
 
 
 def _within(name: str, value: float, low: float, high: float) -> None:

@@ -1,4 +1,9 @@
-"""Worker processes as the supervisor sees them: spawn, exit with backoff, SIGTERM, wait."""
+"""Worker processes as the supervisor sees them: spawn, exit with backoff, SIGTERM, wait.
+
+A worker reads its pools config from a file: the config its supervisor runs, written as JSON to
+one file per version (:func:`write_config`), so a replica always starts with its supervisor's
+config, whether that came from the pools file, a config API or Redis.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,14 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import msgspec
+
+from agentpool.shared.config import Config
 from agentpool.shared.names import replica_id
 from agentpool.shared.settings import Settings
 
@@ -19,6 +29,10 @@ log = logging.getLogger("agentpool.supervisor")
 HEALTHY_AFTER_S = 30.0  # a replica that lived this long resets its failure count
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+KEEP_CONFIG_FILES = 5  # config versions whose files a supervisor keeps for its starting workers
+# The worker reads the file it is given: the config API is its supervisor's business (and its
+# headers hold secrets).
+NOT_FOR_WORKERS = ("AGENTPOOL_CONFIG_URL", "AGENTPOOL_CONFIG_HEADERS", "AGENTPOOL_CONFIG_POLL_S")
 
 
 @dataclass
@@ -28,7 +42,8 @@ class Replica:
     pool: str
     deployment: str
     n: int
-    generation: int = 0  # the pool's restart generation when it was started
+    generation: int = 0  # the pool's restart generation when it was started (-1: replace it)
+    fingerprint: str = ""  # of what it was built from (config_source.deployment_fingerprint)
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0  # monotonic
     failures: int = 0
@@ -54,17 +69,35 @@ class Replica:
         return self.proc.pid if self.proc is not None else 0
 
 
-def worker_env(settings: Settings, extra: dict[str, str]) -> dict[str, str]:
-    """The child's environment: our settings, and our pid so an orphaned worker drains itself."""
+def worker_env(settings: Settings, extra: dict[str, str], config_file: str | None = None) -> dict[str, str]:
+    """The child's environment: our settings, its config file, and our pid so an orphaned worker
+    drains itself."""
     return {
-        **os.environ,
-        "AGENTPOOL_CONFIG": settings.config_path,
+        **{k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS},
+        "AGENTPOOL_CONFIG": config_file or settings.config_path,
         "AGENTPOOL_NAMESPACE": settings.namespace,
         "AGENTPOOL_AMQP_URL": settings.amqp_url,
         "AGENTPOOL_REDIS_URL": settings.redis_url,
         "AGENTPOOL_PARENT_PID": str(os.getpid()),
         **extra,
     }
+
+
+def write_config(config: Config, folder: str, version: str) -> str:
+    """The config as a JSON pools file for workers, ``{folder}/{version}.json`` (written atomically,
+    once per version); only the newest ``KEEP_CONFIG_FILES`` stay."""
+    path = Path(folder) / f"{version}.json"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=f".{version}.", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgspec.json.encode(config))
+        os.replace(tmp, path)
+    files = sorted(Path(folder).glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[KEEP_CONFIG_FILES:]:  # a worker reads its file as it starts, then never again
+        if old != path:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return str(path)
 
 
 STANDBY_CLOSE_S = 5.0

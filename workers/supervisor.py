@@ -13,6 +13,11 @@ the admin API), else the pools file; a pool idle for ``idle_timeout_s`` runs ``m
 A replica that dies is restarted in its slot with exponential backoff; surplus replicas (starting
 or idle ones first) get SIGTERM and drain. Supervisors poll every ``RECONCILE_S`` and act at once
 on a nudge published on the fleet channel (scale, wake, restart, new tenant pool).
+
+The config can change while it runs (broker/config_source.py: a config API, ``agentpool reload``,
+SIGHUP): :meth:`Supervisor.apply_config` swaps it between two reconcile rounds, and
+workers/reconfig.py makes the fleet follow (new pools start, counts follow, changed agent types
+roll, removed pools and deployments retire). Workers get the config in a file of its version.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 
 from agentpool.broker import tenants
+from agentpool.broker.config_source import ConfigSource, config_version, deployment_fingerprint
 from agentpool.broker.fleet import Fleet, FleetMemory, PoolSnapshot
 from agentpool.broker.leases import RETIRING, Leases, Peers, new_owner_id, slot_count
 from agentpool.broker.redis_conn import REDIS_ERRORS, check_persistence, connect
@@ -32,7 +41,7 @@ from agentpool.shared.errors import Unavailable
 from agentpool.shared.names import Names, replica_id
 from agentpool.shared.settings import Settings
 from agentpool.shared.tasks import cancel_and_wait
-from agentpool.workers import procs, rolling
+from agentpool.workers import procs, reconfig, rolling
 from agentpool.workers.fleet_metrics import FleetMetrics
 from agentpool.workers.procs import Replica
 
@@ -56,9 +65,11 @@ class Supervisor:
         metrics: FleetMetrics | None = None,
         metrics_port: int | None = None,
         standby: bool = True,
+        source: ConfigSource | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
+        self.source = source or ConfigSource(settings, config)  # polls a config API, reloads the file
         self.extra_env = env or {}
         if metrics is None and metrics_port is not None:
             metrics = FleetMetrics(metrics_port)  # one /metrics endpoint summing every worker
@@ -79,6 +90,9 @@ class Supervisor:
         self._short_since: dict[tuple[str, str], float] = {}
         self._pools: list[str] = []
         self._closing = False
+        self._round = asyncio.Lock()  # a reconcile round, or a new config being applied
+        self._config_dir: str | None = None  # the workers' config files (procs.write_config)
+        self._config_file: str | None = None
 
     def _slots(self, pool: str, deployment: str) -> int:
         cfg = self.fleet.pool_config(pool)
@@ -95,24 +109,8 @@ class Supervisor:
         try:
             if self.metrics is not None:
                 self.metrics.start()
-            await self.boot()  # announces us to the pools' other supervisors
-            settle_until = time.monotonic() + DISCOVERY_S
-            if self.standby is not None:
-                await self.standby.refill(self.env())
-            # Like Kafka's initial rebalance delay: supervisors started together see each other
-            # before their first claim, so they split the slots instead of the first taking all.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, settle_until - time.monotonic())):
-                    await stop.wait()
-            while not stop.is_set():
-                self._nudge.clear()
-                try:
-                    await self.reconcile()
-                except (*REDIS_ERRORS, Unavailable) as e:
-                    log.warning("reconcile failed (%s); retrying", e)
-                with contextlib.suppress(TimeoutError):  # asyncio.timeout keeps a cancel a cancel
-                    async with asyncio.timeout(RECONCILE_S):
-                        await self._nudge.wait()
+            async with self.source.running(self.redis, self.apply_config):
+                await self._run(stop)
         finally:
             self._closing = True
             await cancel_and_wait(helpers)
@@ -122,6 +120,39 @@ class Supervisor:
             await self.redis.aclose()
             if self.metrics is not None:
                 self.metrics.close()
+            if self._config_dir is not None:
+                shutil.rmtree(self._config_dir, ignore_errors=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        async with self._round:
+            await self.boot()  # announces us to the pools' other supervisors
+        settle_until = time.monotonic() + DISCOVERY_S
+        if self.standby is not None:
+            await self.standby.refill(self.env())
+        # Like Kafka's initial rebalance delay: supervisors started together see each other
+        # before their first claim, so they split the slots instead of the first taking all.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, settle_until - time.monotonic())):
+                await stop.wait()
+        while not stop.is_set():
+            self._nudge.clear()
+            try:
+                async with self._round:
+                    await self.reconcile()
+            except (*REDIS_ERRORS, Unavailable) as e:
+                log.warning("reconcile failed (%s); retrying", e)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout keeps a cancel a cancel
+                async with asyncio.timeout(RECONCILE_S):
+                    await self._nudge.wait()
+
+    async def apply_config(self, config: Config) -> None:
+        """Run ``config`` from the next reconcile round on (see workers/reconfig.py)."""
+        async with self._round:
+            await reconfig.prepare(self, config)  # the Redis part first: a failure changes nothing
+            self.config = self.fleet.config = self.fleet.tenants.config = config
+            self._config_file = None
+            reconfig.mark_outdated(self)
+        self._nudge.set()
 
     async def boot(self) -> None:
         """Pre-warm: pools with ``prewarm`` count as used now; configured tenants get their pools."""
@@ -233,13 +264,19 @@ class Supervisor:
         peers = await self.peers.beat(self._pools, int(time.time() * 1000))
         for pool in self._pools:
             cfg = self.fleet.pool_config(pool)
+            await reconfig.retire_removed(self, pool, cfg)
             if cfg is None:
                 continue
             snap = self.memory.fill(await self.fleet.snapshot(pool))
             for dep in cfg.deployments:
                 want = snap.desired(dep.name) if pool in listed else 0  # an evicted tenant pool: none
                 await self._deployment(snap, dep.name, want, peers.get(pool, 1))
-            if snap.restart_generation or snap.drains or pool in self.restarts:
+            if (
+                snap.restart_generation
+                or snap.drains
+                or pool in self.restarts
+                or reconfig.outdated(self, pool)
+            ):
                 await rolling.advance(self, snap)
         await self._reap()
 
@@ -306,7 +343,7 @@ class Supervisor:
         return (1, info.depth, -n)
 
     async def start(self, pool: str, dep: str, n: int, generation: int) -> Replica:
-        r = Replica(pool, dep, n, generation=generation)
+        r = Replica(pool, dep, n, generation, deployment_fingerprint(self.config, pool, dep) or "")
         self.replicas[r.key] = r
         await procs.spawn(r, self.env(), self.standby)
         log.info("started replica %s (pid %d)", r.id, r.pid)
@@ -314,7 +351,16 @@ class Supervisor:
 
     def env(self) -> dict[str, str]:
         metrics_env = self.metrics.env() if self.metrics is not None else {}
-        return procs.worker_env(self.settings, {**self.extra_env, **metrics_env})
+        return procs.worker_env(self.settings, {**self.extra_env, **metrics_env}, self._worker_config())
+
+    def _worker_config(self) -> str:
+        """The file of the config we run, for the workers we start (written once per version)."""
+        if self._config_file is None or not os.path.exists(self._config_file):
+            if self._config_dir is None:
+                self._config_dir = tempfile.mkdtemp(prefix=f"agentpool-{self.names.ns}-config-")
+            os.makedirs(self._config_dir, exist_ok=True)  # a temp cleaner may have taken it
+            self._config_file = procs.write_config(self.config, self._config_dir, config_version(self.config))
+        return self._config_file
 
     def _exited(self, r: Replica, unexpected: bool) -> None:
         if self.metrics is not None and r.proc is not None:
