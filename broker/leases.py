@@ -157,16 +157,8 @@ class Leases:
 class Peers:
     """Live supervisors per pool (a sorted set: owner -> expiry), so each claims a fair share."""
 
-    def __init__(
-        self,
-        redis: aredis.Redis,
-        names: Names,
-        owner: str,
-        ttl_ms: int = LEASE_TTL_MS,
-        slots: Callable[[str, str], int] | None = None,
-    ) -> None:
+    def __init__(self, redis: aredis.Redis, names: Names, owner: str, ttl_ms: int = LEASE_TTL_MS) -> None:
         self.redis = redis
-        self.slots = slots or (lambda pool, deployment: MAX_SLOTS)  # slot numbers of a deployment
         self.ns = names.ns
         self.owner = owner
         self.ttl_ms = ttl_ms

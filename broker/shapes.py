@@ -55,6 +55,11 @@ class RunFailure(msgspec.Struct, kw_only=True):
     error_code: str
     error: str
 
+    @classmethod
+    def of(cls, run: int, error_event: bytes) -> RunFailure:
+        err = msgspec.json.decode(error_event, type=Error)
+        return cls(run=run, request_id=err.request_id, error_code=err.error_code, error=err.error)
+
 
 @dataclass(slots=True)
 class FanOutResult:
@@ -186,6 +191,18 @@ class Merged:
         finally:
             await cancel_and_wait(list(tasks.values()))
 
+    def expired_failures(self) -> list[RunFailure]:
+        """The runs the deadline stopped, as failures."""
+        return [
+            RunFailure(
+                run=r.index,
+                request_id=r.ticket.request_id,
+                error_code="DEADLINE_EXCEEDED",
+                error=f"run {r.index} had not ended by the fan-out's timeout_s",
+            )
+            for r in self.expired
+        ]
+
     async def _stop(self, runs: list[Run], tasks: dict[int, asyncio.Task[None]]) -> None:
         await cancel_and_wait([tasks[r.index] for r in runs])
         for r in runs:
@@ -212,22 +229,9 @@ async def fan_out(
             if kind == b"end":
                 out.results.append((index, msgspec.json.decode(data, type=End)))
             elif kind == b"error":
-                err = msgspec.json.decode(data, type=Error)
-                failure = RunFailure(
-                    run=index, request_id=err.request_id, error_code=err.error_code, error=err.error
-                )
-                out.failed.append(failure)
+                out.failed.append(RunFailure.of(index, data))
     out.cancelled = [(r.index, r.ticket.request_id) for r in merged.cancelled]
-    for r in merged.expired:
-        out.failed.append(
-            RunFailure(
-                run=r.index,
-                request_id=r.ticket.request_id,
-                error_code="DEADLINE_EXCEEDED",
-                error=f"run {r.index} had not ended by the fan-out's timeout_s",
-            )
-        )
-    out.failed.sort(key=lambda f: f.run)
+    out.failed = sorted([*out.failed, *merged.expired_failures()], key=lambda f: f.run)
     return out
 
 

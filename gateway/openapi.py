@@ -154,9 +154,9 @@ def _answer(description: str, headers: dict[str, Any], *also: str) -> dict[str, 
     """200 as JSON, or SSE with ``Accept: text/event-stream``; ``also``: other answer shapes (a
     fan-out's, a group's)."""
     out = _json("AskResponse", description, headers)
-    if also:
-        out["content"]["application/json"]["schema"] = {"oneOf": [_ref(n) for n in also]}
-    sse = {"oneOf": [_SSE_EVENT, _SSE_SHAPED]} if also else _SSE_EVENT
+    if also:  # anyOf: a group's answer is an answer too
+        out["content"]["application/json"]["schema"] = {"anyOf": [_ref(n) for n in also]}
+    sse = {"anyOf": [_SSE_EVENT, _SSE_SHAPED]} if also else _SSE_EVENT
     out["content"]["text/event-stream"] = {"schema": sse}
     return out
 

@@ -97,19 +97,24 @@ async def resume(request: Request) -> Response:
 
 
 def _answer(end: End) -> AskResponse:
-    return AskResponse(
-        request_id=end.request_id,
-        thread_id=end.thread_id,
-        agent_id=end.agent_id,
-        deployment=end.deployment,
-        content=end.content,
-        usage=end.usage,
-        timings=end.timings,
-        created_at=end.created_at,
-        attempt=end.attempt,
-        steps=end.steps,
-        resumed_from=end.resumed_from,
-    )
+    return AskResponse(**answer_fields(end))
+
+
+def answer_fields(end: End) -> dict[str, Any]:
+    """The fields of an answer (:class:`AskResponse`, and the fan-out's and group's kinds of it)."""
+    return {
+        "request_id": end.request_id,
+        "thread_id": end.thread_id,
+        "agent_id": end.agent_id,
+        "deployment": end.deployment,
+        "content": end.content,
+        "usage": end.usage,
+        "timings": end.timings,
+        "created_at": end.created_at,
+        "attempt": end.attempt,
+        "steps": end.steps,
+        "resumed_from": end.resumed_from,
+    }
 
 
 def paused(event: Interrupt) -> AskResponse:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agentpool.broker.shapes import LevelRun, RunFailure
 from agentpool.gateway.keys import KeyInfo
 from agentpool.shared.messages import StepEvent, Timings, ToolCall, Usage
 
@@ -96,13 +97,6 @@ class RunAnswer(AskResponse, kw_only=True):
     run: int = 0
 
 
-class RunFailed(msgspec.Struct, kw_only=True):
-    run: int
-    request_id: str
-    error_code: str
-    error: str
-
-
 class RunCancelled(msgspec.Struct, kw_only=True):
     run: int
     request_id: str
@@ -114,17 +108,8 @@ class FanOutResponse(msgspec.Struct, kw_only=True):
 
     thread_id: str
     results: list[RunAnswer]
-    failed: list[RunFailed]
+    failed: list[RunFailure]
     cancelled: list[RunCancelled] = []
-
-
-class LevelRunView(msgspec.Struct, kw_only=True, omit_defaults=True):
-    level: str
-    pool: str
-    status: Literal["completed", "failed"]
-    request_id: str = ""
-    error_code: str = ""
-    error: str = ""
 
 
 class GroupAnswer(AskResponse, kw_only=True):
@@ -132,7 +117,7 @@ class GroupAnswer(AskResponse, kw_only=True):
 
     group: str = ""
     level: str = ""
-    levels: list[LevelRunView] = []
+    levels: list[LevelRun] = []
 
 
 class ResumeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

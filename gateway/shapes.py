@@ -30,10 +30,8 @@ from agentpool.gateway.http import JSON, traceparent, wants_sse
 from agentpool.gateway.schemas import (
     FanOutResponse,
     GroupAnswer,
-    LevelRunView,
     RunAnswer,
     RunCancelled,
-    RunFailed,
 )
 from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS
 from agentpool.shared import metrics
@@ -129,7 +127,7 @@ async def fan_out(request: Request, a: Admitted) -> Response:
                 if kind == b"end":
                     out.results.append(_run_answer(index, msgspec.json.decode(data, type=End)))
                 elif kind == b"error":
-                    out.failed.append(_failure(index, data))
+                    out.failed.append(shapes.RunFailure.of(index, data))
     finally:  # the caller went away mid-way: stop what still runs
         if len(ended) < len(runs) and not (merged.cancelled or merged.expired):
             _cancel_later(client, [r.ticket.request_id for r in runs if r.index not in ended])
@@ -137,39 +135,13 @@ async def fan_out(request: Request, a: Admitted) -> Response:
     return JSON(out, headers=headers)
 
 
-def _failure(index: int, data: bytes) -> RunFailed:
-    err = msgspec.json.decode(data, type=Error)
-    return RunFailed(run=index, request_id=err.request_id, error_code=err.error_code, error=err.error)
-
-
 def _summarize(out: FanOutResponse, merged: shapes.Merged) -> None:
     out.cancelled = [RunCancelled(run=r.index, request_id=r.ticket.request_id) for r in merged.cancelled]
-    out.failed += [
-        RunFailed(
-            run=r.index,
-            request_id=r.ticket.request_id,
-            error_code="DEADLINE_EXCEEDED",
-            error=f"run {r.index} had not ended by the fan-out's timeout_s",
-        )
-        for r in merged.expired
-    ]
-    out.failed.sort(key=lambda f: f.run)
+    out.failed = sorted([*out.failed, *merged.expired_failures()], key=lambda f: f.run)
 
 
 def _run_answer(index: int, end: End) -> RunAnswer:
-    return RunAnswer(
-        run=index,
-        request_id=end.request_id,
-        thread_id=end.thread_id,
-        agent_id=end.agent_id,
-        deployment=end.deployment,
-        content=end.content,
-        usage=end.usage,
-        timings=end.timings,
-        created_at=end.created_at,
-        attempt=end.attempt,
-        steps=end.steps,
-    )
+    return RunAnswer(**routes.answer_fields(end), run=index)
 
 
 async def _fan_frames(client: AgentPoolClient, merged: shapes.Merged) -> AsyncIterator[bytes]:
@@ -188,7 +160,7 @@ async def _fan_frames(client: AgentPoolClient, merged: shapes.Merged) -> AsyncIt
                 if kind in FINAL_TYPES:
                     ended.add(index)
                 if kind == b"error":
-                    out.failed.append(_failure(index, data))
+                    out.failed.append(shapes.RunFailure.of(index, data))
         _summarize(out, merged)
         summary = {
             "thread_id": out.thread_id,
@@ -250,7 +222,7 @@ async def group_ask(request: Request) -> Response:
                 failed = RequestFailed(
                     err.error,
                     error_code=err.error_code,
-                    details={"request_id": err.request_id, "levels": _levels(esc.levels)},
+                    details={"request_id": err.request_id, "levels": esc.levels},
                 )
                 failed.status = status_for_code(err.error_code)
                 raise failed
@@ -282,7 +254,7 @@ async def _group_frames(client: AgentPoolClient, esc: shapes.Escalation, tenant:
                 entry_id, kind, data = entry
                 tagged = _tag(b"level", EVENT_ENCODER.encode(level), data)
                 if kind == b"end":
-                    tagged = _tag(b"levels", EVENT_ENCODER.encode(_levels(esc.levels)), tagged)
+                    tagged = _tag(b"levels", EVENT_ENCODER.encode(esc.levels), tagged)
                 yield (b"id: " + entry_id + b"\n" if entry_id else b"") + _frame(kind, tagged)
                 finished = kind in FINAL_TYPES
     finally:
@@ -291,26 +263,8 @@ async def _group_frames(client: AgentPoolClient, esc: shapes.Escalation, tenant:
             _cancel_later(client, [esc.current.request_id])
 
 
-def _levels(levels: list[shapes.LevelRun]) -> list[LevelRunView]:
-    return [LevelRunView(**msgspec.structs.asdict(lv)) for lv in levels]
-
-
 def _group_answer(group: str, level: str, end: End, levels: list[shapes.LevelRun]) -> GroupAnswer:
-    return GroupAnswer(
-        request_id=end.request_id,
-        thread_id=end.thread_id,
-        agent_id=end.agent_id,
-        deployment=end.deployment,
-        content=end.content,
-        usage=end.usage,
-        timings=end.timings,
-        created_at=end.created_at,
-        attempt=end.attempt,
-        steps=end.steps,
-        group=group,
-        level=level,
-        levels=_levels(levels),
-    )
+    return GroupAnswer(**routes.answer_fields(end), group=group, level=level, levels=levels)
 
 
 def _visible(client: AgentPoolClient, pool: str, tenant: str) -> bool:
