@@ -173,19 +173,20 @@ async def test_a_repeat_runs_a_first_request_that_was_never_published(make_syste
     system: System = await make_system(config=tenant_config(pools={"pa": "default"}))
     redis, names = system.client.redis, system.client.names
     body = {"content": "charge once", "thread_id": "t-stale"}
-    # Given a key claimed 4 s ago by a gateway that died before publishing (what it leaves behind)
-    stale = Claim(
-        request_id="never-published",
-        thread_id="t-stale",
-        fingerprint=fingerprint("pa", msgspec.json.decode(msgspec.json.encode(body), type=AskBody)),
-        start_by=time.time() + 60,
-        claimed_at=time.time() - (PUBLISH_GRACE_S - 1),
-    )
-    assert await Idempotency(redis, names).claim("default", "order-7", stale) is None
     async with (
         running_gateway(system.settings, system.config) as url,
         httpx.AsyncClient(base_url=url, timeout=20) as http,
     ):
+        # Given a key claimed 4 s ago by a gateway that died before publishing (what it leaves
+        # behind), written once this gateway is up, so its start-up does not eat the grace left
+        stale = Claim(
+            request_id="never-published",
+            thread_id="t-stale",
+            fingerprint=fingerprint("pa", msgspec.json.decode(msgspec.json.encode(body), type=AskBody)),
+            start_by=time.time() + 60,
+            claimed_at=time.time() - (PUBLISH_GRACE_S - 1),
+        )
+        assert await Idempotency(redis, names).claim("default", "order-7", stale) is None
         # When the client repeats the request with the same key
         t0 = time.monotonic()
         r = await http.post("/v1/ask/pa", json=body, headers=idem("order-7"))
