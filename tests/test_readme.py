@@ -16,9 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from agentpool.shared.config import load_config
+from agentpool.shared.config import Pool, load_config
 from agentpool.shared.settings import Settings
 from tests import readme_check
 from tests.conftest import cleanup_namespace, free_port
@@ -82,7 +83,7 @@ def example_rules(port: int) -> list[Rule]:
 def test_every_readme_command_runs_as_written(settings: Settings, tmp_path: Path, readme: str) -> None:
     if shutil.which("jq") is None or shutil.which("curl") is None:
         pytest.skip("the README's commands need curl and jq (.ci/run installs them)")
-    port, llm_port, metrics_port = free_port(), free_port(), free_port()
+    port, llm_port, metrics_port, api_port = free_port(), free_port(), free_port(), free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -107,7 +108,12 @@ def test_every_readme_command_runs_as_written(settings: Settings, tmp_path: Path
             cwd=ROOT,
             env=env,
             rules=rules(port) if readme == "README.md" else example_rules(port),
-            substitutions={"8080": str(port), "9100": str(llm_port), "9464": str(metrics_port)},
+            substitutions={
+                "8080": str(port),
+                "9100": str(llm_port),
+                "9464": str(metrics_port),
+                "8901": str(api_port),
+            },
             python=sys.executable,
             workdir=tmp_path,
             report=report,
@@ -115,6 +121,11 @@ def test_every_readme_command_runs_as_written(settings: Settings, tmp_path: Path
     finally:
         for path in CONFIGS:
             asyncio.run(cleanup_namespace(settings, load_config(ROOT / path)))
+        served = load_config(ROOT / CONFIGS[0])  # what the README's config API served: one pool more
+        served.pools["billing"] = msgspec.convert(
+            {"deployments": [{"name": "main", "agent_type": "support"}]}, Pool
+        )
+        asyncio.run(cleanup_namespace(settings, served))
         if os.environ.get("AGENTPOOL_README_OUTPUTS"):  # to refresh the README's shown output by hand
             Path(os.environ["AGENTPOOL_README_OUTPUTS"]).write_text(
                 "\n\n".join(f"### {what}\n{out}" for what, out in report.outputs), encoding="utf-8"
