@@ -187,6 +187,7 @@ def start_system(args, env: dict[str, str], port: int) -> list[subprocess.Popen]
             subprocess.Popen(
                 [sys.executable, "-m", "agentpool", "gateway", "--host", "127.0.0.1", "--port", str(port)],
                 env=env,
+                cwd=ROOT,  # a custom strategy (bench.strategies:...) imports from the project root
             )
         )
     return procs
@@ -238,11 +239,11 @@ def run_once(args, conc: int) -> dict[str, float]:
 
     ns = "bench" + secrets.token_hex(3)
     cfg = Path(tempfile.mkdtemp()) / "bench.toml"
-    cfg.write_text(
-        CONFIG.format(
-            ttft_ms=args.ttft_ms, reply_tokens=20, concurrency=args.worker_concurrency, replicas=args.replicas
-        )
+    text = CONFIG.format(
+        ttft_ms=args.ttft_ms, reply_tokens=20, concurrency=args.worker_concurrency, replicas=args.replicas
     )
+    strategy = getattr(args, "strategy", "sticky")  # the pool's; bench/ab.py --strategies sets it
+    cfg.write_text(text.replace("[pools.bench]\n", f'[pools.bench]\nstrategy = "{strategy}"\n', 1))
     port = 18000 + secrets.randbelow(2000)
     env = {
         **os.environ,
@@ -252,6 +253,7 @@ def run_once(args, conc: int) -> dict[str, float]:
         "AGENTPOOL_REDIS_URL": os.environ.get("AGENTPOOL_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "AGENTPOOL_LOG_LEVEL": "WARNING",
         "AGENTPOOL_METRICS": os.environ.get("AGENTPOOL_METRICS", "1"),
+        "AGENTPOOL_AUTH": os.environ.get("AGENTPOOL_AUTH", "open"),  # the gateway's default is required
     }
     procs = start_system(args, env, port)
     try:
@@ -295,6 +297,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--worker-concurrency", type=int, default=16, help="prefetch per replica (floor uses 16)")
     ap.add_argument("--ttft-ms", type=float, default=0)
+    ap.add_argument("--strategy", default="sticky", help="the pool's strategy (or package.module:callable)")
     ap.add_argument("--floor", action="store_true", help="also run floor.py scenario c, same invocation")
     ap.add_argument(
         "--floor-path",

@@ -31,7 +31,7 @@ from agentpool.broker.fleet import Activity, Fleet
 from agentpool.broker.history import Recorder
 from agentpool.broker.redis_conn import REDIS_ERRORS, connect, translated
 from agentpool.broker.registry import Registry
-from agentpool.broker.router import Router
+from agentpool.broker.router import Router, check_strategies
 from agentpool.broker.streams import ATTEMPT_STARTS, CHUNK_COUNT, ReplyReader, ReplyStore, Subscription
 from agentpool.shared import metrics
 from agentpool.shared.config import SAMPLING, Config, Pool, load_config
@@ -156,6 +156,7 @@ class AgentPoolClient:
         try:
             with translated(self.settings.redis_url):
                 await self.redis.ping()
+            check_strategies(self.config)
             await self.amqp.connect()
             ch = await self.amqp.channel()
             for name in tenants.static_pools(self.config):  # a template's pools are {template}--{tenant}
@@ -185,7 +186,9 @@ class AgentPoolClient:
 
     async def apply_config(self, config: Config) -> None:
         """Serve ``config`` from now on (a config API's new document, a reloaded file): the queues of
-        its new pools are declared before any request can be routed to them."""
+        its new pools are declared before any request can be routed to them. A custom strategy
+        that does not import refuses the config (ConfigError)."""
+        check_strategies(config)
         new = set(tenants.static_pools(config)) - set(tenants.static_pools(self.config))
         if new:
             ch = await self.amqp.channel()

@@ -32,8 +32,9 @@ from typing import cast
 
 import msgspec
 
+from agentpool.broker.history import latency_index
 from agentpool.broker.registry import ReplicaInfo
-from agentpool.shared.config import Pool
+from agentpool.shared.config import STRATEGIES, Config, Pool
 from agentpool.shared.errors import ConfigError
 from agentpool.shared.messages import Request
 from agentpool.workers.imports import import_object
@@ -186,10 +187,14 @@ class Router:
             ids = [r.id for r in replicas]
             self._rng.shuffle(ids)
             return ids
-        # least_loaded: the lowest depth estimate, ties by latency (p50 of its latest requests)
-        return [
-            r.id for r in sorted(replicas, key=lambda r: (depth[r.id], r.p50_latency_ms or r.avg_latency_ms))
-        ]
+
+        # least_loaded: the lowest depth estimate, ties by latency (p50 of its latest requests, in
+        # 25 % bands), then at random: gateways that see the same heartbeats must not all pick the
+        # same idle replica until the next one
+        def rank(r: ReplicaInfo) -> tuple[int, int, float]:
+            return (depth[r.id], latency_index(r.p50_latency_ms or r.avg_latency_ms), self._rng.random())
+
+        return [r.id for r in sorted(replicas, key=rank)]
 
     def _custom(
         self, pool: Pool, replicas: list[ReplicaInfo], request: Request | None, depth: dict[str, int]
@@ -300,3 +305,14 @@ def _strategy(path: str) -> Strategy:
     if not callable(fn):
         raise ConfigError(f"strategy {path!r} is not callable")
     return cast(Strategy, fn)
+
+
+def check_strategies(config: Config) -> None:
+    """Import every pool's custom strategy now (a client's start, a config about to apply): one that
+    does not import is a ConfigError naming the pool, not a per-request fallback to the hash."""
+    for name, pool in config.pools.items():
+        if pool.strategy not in STRATEGIES:
+            try:
+                _strategy(pool.strategy)
+            except ConfigError as e:
+                raise ConfigError(f"pools.{name}.strategy: {e.message}") from None
