@@ -70,6 +70,7 @@ class ConfigApi:
         self.status = 200
         self.requests: list[dict[str, str]] = []  # the headers of each request
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()  # connections being answered
 
     @property
     def url(self) -> str:
@@ -83,12 +84,17 @@ class ConfigApi:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
 
     async def stop(self) -> None:
+        """Down, as a crashed server: listening stops and the connections it was answering are cut
+        (closing a server leaves them open; one left to the garbage collector is a ResourceWarning)."""
         if self._server is not None:
             self._server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
             headers = {
@@ -106,7 +112,10 @@ class ConfigApi:
             head_out = f"HTTP/1.1 {status} X\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n"
             writer.write(head_out.encode() + b"\r\n" + body)
             await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away, or stop() cut the connection
         finally:
+            self._open.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
