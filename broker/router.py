@@ -138,7 +138,8 @@ class Router:
             if pool.strategy != "round_robin":
                 order = _rotate(order, run)
         else:
-            order = _rotate(self._custom(pool, [r for d in deps for r in by_dep[d]], request, depth), run)
+            ordered = [r for d in deps for r in by_dep[d]]
+            order = _rotate(self._custom(pool, ordered, thread_id, request, depth), run)
         return _bounded(pool, order, pool.strategy, depth)
 
     def _tiers(self, pool: Pool, order: list[str], by_id: dict[str, ReplicaInfo]) -> list[tuple[str, str]]:
@@ -153,6 +154,7 @@ class Router:
         sticky, max_depth = pool.limits.sticky_depth, pool.limits.max_depth
         home = by_id[order[0]].deployment
         own = [rid for rid in order if by_id[rid].deployment == home]
+        mine = set(own)
         plan: list[tuple[str, str]] = []
         if depth[own[0]] < sticky:
             plan.append((own[0], "sticky"))
@@ -160,7 +162,7 @@ class Router:
         rest = sorted((rid for rid in own if sticky <= depth[rid] < max_depth), key=depth.__getitem__)
         plan += [(rid, "overflow") for rid in rest]
         away = sorted(
-            (rid for rid in order if rid not in own and depth[rid] < max_depth), key=depth.__getitem__
+            (rid for rid in order if rid not in mine and depth[rid] < max_depth), key=depth.__getitem__
         )
         plan += [(rid, "overflow") for rid in away]
         # Estimates lag (heartbeats are up to a second old); the broker's x-max-length is the truth.
@@ -197,7 +199,12 @@ class Router:
         return [r.id for r in sorted(replicas, key=rank)]
 
     def _custom(
-        self, pool: Pool, replicas: list[ReplicaInfo], request: Request | None, depth: dict[str, int]
+        self,
+        pool: Pool,
+        replicas: list[ReplicaInfo],
+        thread_id: str,
+        request: Request | None,
+        depth: dict[str, int],
     ) -> list[str]:
         """A ``module:callable`` strategy's order; a strategy that fails falls back to sticky's."""
         candidates = [
@@ -222,7 +229,7 @@ class Router:
             if pool.strategy not in self._failed:
                 log.exception("strategy %s failed; routing by the thread's hash instead", pool.strategy)
             self._failed.add(pool.strategy)
-            return [r.id for r in replicas]
+            return self._sticky_order(pool, replicas, thread_id)
 
     def sticky_replica(self, pool_name: str, pool: Pool, thread_id: str) -> str | None:
         order = self._sticky_order(pool, self._members.get(pool_name, []), thread_id)

@@ -22,3 +22,8 @@ def highest_candidate(candidates: list[Candidate], request: Request | None) -> l
     """The same order as :func:`highest_id`, as Candidates."""
     CALLS.append((candidates, request))
     return sorted(candidates, key=lambda c: c.id, reverse=True)
+
+
+def broken(candidates: list[Candidate], request: Request | None) -> list[str]:
+    """A strategy with a bug: every request it sees goes by the thread's hash instead."""
+    raise RuntimeError("the strategy broke")

@@ -346,3 +346,13 @@ async def test_a_custom_strategy_that_does_not_import_stops_the_client_at_start(
     client = AgentPoolClient(settings, config("tests.strategy_support:no_such_strategy"))
     with pytest.raises(ConfigError, match=r"pools\.p\.strategy: .*no_such_strategy"):
         await client.start()
+
+
+def test_a_custom_strategy_that_raises_routes_by_the_threads_hash() -> None:
+    broken = config("tests.strategy_support:broken").pools["p"]
+    sticky = config("sticky").pools["p"]
+    router = Router()
+    router.update("p", [ReplicaInfo(id=rid, pool="p", deployment="main", status="ready") for rid in IDS])
+    for thread in ("t-1", "t-2", "t-3"):
+        by_hash = [rid for rid, _tier in router.plan("p", sticky, thread)]
+        assert [rid for rid, _tier in router.plan("p", broken, thread)] == by_hash
