@@ -160,7 +160,7 @@ async def read(
 ) -> dict[str, list[Point]]:
     """Each pool's points from the bucket holding ``since`` up to now, oldest first (one round trip)."""
     now = time.time() if now is None else now
-    buckets = list(range(bucket_of(max(since, now - WINDOW_S)), bucket_of(now) + 1, BUCKET_S))
+    buckets = buckets_between(max(since, now - WINDOW_S), now)
     pipe = redis.pipeline(transaction=False)
     for pool in pools:
         for b in buckets:
@@ -189,8 +189,12 @@ class Traffic(msgspec.Struct, kw_only=True):
 
 def recent_buckets(now: float, window_s: int = RECENT_S) -> list[int]:
     """The buckets of the last ``window_s``, the one in progress included, oldest first."""
-    last = bucket_of(now)
-    return list(range(last - window_s + BUCKET_S, last + BUCKET_S, BUCKET_S))
+    return buckets_between(now - window_s + BUCKET_S, now)
+
+
+def buckets_between(since: float, now: float) -> list[int]:
+    """The buckets from the one holding ``since`` to the one in progress at ``now``, oldest first."""
+    return list(range(bucket_of(since), bucket_of(now) + 1, BUCKET_S))
 
 
 def traffic(

@@ -66,9 +66,8 @@ class FanOutResult:
     thread_id: str
     results: list[tuple[int, End]] = field(default_factory=list)  # (run, answer), in the order they ended
     failed: list[RunFailure] = field(default_factory=list)
-    cancelled: list[tuple[int, str]] = field(
-        default_factory=list
-    )  # (run, request id) stopped by select=first
+    # (run, request id) of the runs select="first" stopped
+    cancelled: list[tuple[int, str]] = field(default_factory=list)
 
 
 async def start_runs(
@@ -89,23 +88,9 @@ async def start_runs(
     runs: list[Run] = []
     try:
         for i in range(n):
-            rid = new_id()
-            sub = client.reader.subscribe(client.names.reply(rid))
-            try:
-                ticket = await client.submit(
-                    pool,
-                    content,
-                    request_id=rid,
-                    thread_id=tid,
-                    track=True,
-                    run=i,
-                    runs=n,
-                    seed=run_seed(base, i),
-                    **kwargs,  # type: ignore[arg-type]
-                )
-            except BaseException:
-                sub.close()
-                raise
+            sub, ticket = await client.submit_subscribed(
+                pool, content, thread_id=tid, run=i, runs=n, seed=run_seed(base, i), **kwargs
+            )
             runs.append(Run(i, ticket, sub))
     except BaseException:
         await withdraw(client, runs)
@@ -119,8 +104,14 @@ async def withdraw(client: AgentPoolClient, runs: list[Run]) -> None:
         r.sub.close()
         if r.ticket.replica:
             client.router.finished(r.ticket.replica)
+    await cancel_all(client, [r.ticket.request_id for r in runs])
+
+
+async def cancel_all(client: AgentPoolClient, request_ids: list[str]) -> None:
+    """Tell these requests to stop; one whose cancel cannot be written runs to its end, unread."""
+    for rid in request_ids:
         with contextlib.suppress(Exception):
-            await client.store.cancel(r.ticket.request_id)
+            await client.store.cancel(rid)
 
 
 class Merged:
@@ -205,9 +196,7 @@ class Merged:
 
     async def _stop(self, runs: list[Run], tasks: dict[int, asyncio.Task[None]]) -> None:
         await cancel_and_wait([tasks[r.index] for r in runs])
-        for r in runs:
-            with contextlib.suppress(Exception):
-                await self.client.store.cancel(r.ticket.request_id)
+        await cancel_all(self.client, [r.ticket.request_id for r in runs])
 
 
 async def fan_out(

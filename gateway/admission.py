@@ -73,8 +73,9 @@ async def admit(request: Request, principal: Principal | None = None, name: str 
     return await _admitted(request, principal, name, pool, body, rate_headers)
 
 
-async def admit_group(request: Request) -> tuple[Admitted, GroupAskBody]:
-    """A group ask: the body names the level, so it is read before the pool's rate limit."""
+async def admit_group(request: Request) -> tuple[Admitted, GroupAskBody, list[tuple[str, str]]]:
+    """A group ask: the body names the level, so it is read before the pool's rate limit. With it,
+    the (level, pool) chain to try (the asked level, then the higher ones when escalating)."""
     principal = await require(request, "ask")
     body = decode(await read_body(request, MAX_BODY_BYTES), GroupAskBody)
     client = _client(request)
@@ -89,7 +90,7 @@ async def admit_group(request: Request) -> tuple[Admitted, GroupAskBody]:
             details={"field": "escalate"},
         )
     rate_headers = await rate_limit(request, principal, name, pool)
-    return await _admitted(request, principal, name, pool, body, rate_headers), body
+    return await _admitted(request, principal, name, pool, body, rate_headers), body, chain
 
 
 async def _admitted(

@@ -9,7 +9,6 @@ resume one run by its request id (``GET /v1/requests/{id}``, the id in its ``sta
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -33,12 +32,10 @@ from agentpool.gateway.schemas import (
     RunAnswer,
     RunCancelled,
 )
-from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS
+from agentpool.gateway.sse import KEEPALIVE_S, SSE_HEADERS, cancel_soon, frame
 from agentpool.shared import metrics
 from agentpool.shared.errors import BadRequest, NotFound, RequestFailed, status_for_code
 from agentpool.shared.messages import EVENT_ENCODER, FINAL_TYPES, End, Error, Interrupt
-
-_background: set[asyncio.Task[Any]] = set()
 
 
 def _client(request: Request) -> AgentPoolClient:
@@ -48,21 +45,6 @@ def _client(request: Request) -> AgentPoolClient:
 def _tag(name: bytes, value: bytes, data: bytes) -> bytes:
     """``data`` (a JSON object) with ``"name": value`` first."""
     return b'{"' + name + b'":' + value + (b"," + data[1:] if data != b"{}" else b"}")
-
-
-def _frame(kind: bytes, data: bytes) -> bytes:
-    return b"event: " + kind + b"\ndata: " + data + b"\n\n"
-
-
-def _cancel_later(client: AgentPoolClient, request_ids: list[str]) -> None:
-    async def cancel() -> None:
-        for rid in request_ids:
-            with contextlib.suppress(Exception):
-                await client.store.cancel(rid)
-
-    task = asyncio.get_running_loop().create_task(cancel())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 def _run_kwargs(request: Request, a: Admitted) -> dict[str, Any]:
@@ -130,7 +112,7 @@ async def fan_out(request: Request, a: Admitted) -> Response:
                     out.failed.append(shapes.RunFailure.of(index, data))
     finally:  # the caller went away mid-way: stop what still runs
         if len(ended) < len(runs) and not (merged.cancelled or merged.expired):
-            _cancel_later(client, [r.ticket.request_id for r in runs if r.index not in ended])
+            cancel_soon(client, [r.ticket.request_id for r in runs if r.index not in ended])
     _summarize(out, merged)
     return JSON(out, headers=headers)
 
@@ -156,7 +138,7 @@ async def _fan_frames(client: AgentPoolClient, merged: shapes.Merged) -> AsyncIt
                     yield b": keep-alive\n\n"
                     continue
                 _id, kind, data = entry
-                yield _frame(kind, _tag(b"run", str(index).encode(), data))
+                yield frame(b"", kind, _tag(b"run", str(index).encode(), data))
                 if kind in FINAL_TYPES:
                     ended.add(index)
                 if kind == b"error":
@@ -168,12 +150,12 @@ async def _fan_frames(client: AgentPoolClient, merged: shapes.Merged) -> AsyncIt
             "failed": out.failed,
             "cancelled": out.cancelled,
         }
-        yield _frame(b"done", EVENT_ENCODER.encode(summary))
+        yield frame(b"", b"done", EVENT_ENCODER.encode(summary))
         done = True
     finally:
         metrics.sse_streams(-1)
         if not done:
-            _cancel_later(client, [r.ticket.request_id for r in merged.runs if r.index not in ended])
+            cancel_soon(client, [r.ticket.request_id for r in merged.runs if r.index not in ended])
 
 
 # --- groups
@@ -183,13 +165,12 @@ async def group_ask(request: Request) -> Response:
     """``POST /v1/groups/{group}/ask``: the level's pool answers; ``escalate`` goes one level up
     when a run fails or its level's validator rejects the answer."""
     client = _client(request)
-    a, body = await admission.admit_group(request)
+    a, body, chain = await admission.admit_group(request)
     group = request.path_params["group"]
     if body.n > 1:
         return await fan_out(request, a)
     if not body.escalate:  # an ask of the level's pool, as POST /v1/ask/{pool} answers it
         return await routes.answer(request, a)
-    chain = shapes.group_levels(client, group, body.level, body.escalate)
     chain = [(lv, p) for lv, p in chain if _visible(client, p, a.principal.tenant)]
     stream = body.stream or wants_sse(request)
     esc = shapes.Escalation(
@@ -255,12 +236,12 @@ async def _group_frames(client: AgentPoolClient, esc: shapes.Escalation, tenant:
                 tagged = _tag(b"level", EVENT_ENCODER.encode(level), data)
                 if kind == b"end":
                     tagged = _tag(b"levels", EVENT_ENCODER.encode(esc.levels), tagged)
-                yield (b"id: " + entry_id + b"\n" if entry_id else b"") + _frame(kind, tagged)
+                yield frame(entry_id, kind, tagged)
                 finished = kind in FINAL_TYPES
     finally:
         metrics.sse_streams(-1)
         if not finished and esc.current is not None:
-            _cancel_later(client, [esc.current.request_id])
+            cancel_soon(client, [esc.current.request_id])
 
 
 def _group_answer(group: str, level: str, end: End, levels: list[shapes.LevelRun]) -> GroupAnswer:

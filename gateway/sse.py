@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from agentpool.broker import shapes
 from agentpool.broker.client import KEEPALIVE, AgentPoolClient
 from agentpool.shared import metrics
 from agentpool.shared.messages import FINAL_TYPES
@@ -28,9 +29,18 @@ def cancel_on_abandon(client: AgentPoolClient, request_id: str) -> Callable[[], 
     return abandon
 
 
+def cancel_soon(client: AgentPoolClient, request_ids: list[str]) -> None:
+    """Stop these runs, from a task of its own (a stream's reader is going away)."""
+    task = asyncio.get_running_loop().create_task(shapes.cancel_all(client, request_ids))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
 def frame(entry_id: bytes, kind: bytes, data: bytes) -> bytes:
-    """``id:`` is the Redis stream entry id, so ``Last-Event-ID`` resumes on any gateway."""
-    return b"id: " + entry_id + b"\nevent: " + kind + b"\ndata: " + data + b"\n\n"
+    """``id:`` is the Redis stream entry id, so ``Last-Event-ID`` resumes on any gateway; an event
+    with no entry of its own (a fan-out's or a group's) has none."""
+    head = b"id: " + entry_id + b"\n" if entry_id else b""
+    return head + b"event: " + kind + b"\ndata: " + data + b"\n\n"
 
 
 async def frames(
